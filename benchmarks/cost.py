@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Time per update and peak memory of reweighted fine-tuning against plain fairseq momentum SGD.
+
+Every configuration trains the same model from the same initial parameters on the same batches with
+fairseq's own Trainer, in one process:
+
+- ``plain``: ``--task translation --criterion label_smoothed_cross_entropy --optimizer sgd`` (fairseq);
+- ``K=20,B=2``: this method with the paper's schedule, and a sweep over K and B;
+- ``lookahead``: a one-step look-ahead meta-update before every step (K=1, B=1), the cost pattern of
+  L2RW / Meta-Weight-Net.
+
+Time per update is averaged over max(2K, 20) timed updates after K+1 warm-up updates, so the
+meta-updates are amortised over whole periods. Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU and the
+peak resident set size sampled every millisecond on the CPU. Prints a table of ratios to ``plain``.
+
+    python benchmarks/cost.py DATA_BIN --arch transformer_iwslt_de_en --max-tokens 4096   # GPU
+    python benchmarks/cost.py DATA_BIN --preset cpu-small                                  # CPU
+"""
+import argparse
+import copy
+import logging
+import os
+import sys
+import threading
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_DIR = os.path.join(REPO, "fairseq_reweight")
+CPU_SMALL = ["--arch", "transformer", "--encoder-layers", "2", "--decoder-layers", "2",
+             "--encoder-embed-dim", "128", "--decoder-embed-dim", "128", "--encoder-ffn-embed-dim", "256",
+             "--decoder-ffn-embed-dim", "256", "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
+             "--max-tokens", "1024", "--cpu"]
+
+
+class PeakRSS:
+    """Peak resident set size of this process, sampled in a thread (CPU runs)."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+
+    @staticmethod
+    def rss():
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        self.base = self.rss()
+        self.peak = self.base
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def build(data, flags):
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.trainer import Trainer
+
+    args = options.parse_args_and_arch(options.get_training_parser(), [data] + flags)
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    task.load_dataset(cfg.dataset.train_subset, combine=False, epoch=1)
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    return Trainer(cfg, task, model, criterion), task, cfg
+
+
+def measure(name, data, flags, init_state, batches, interval):
+    trainer, _, _ = build(data, flags)
+    trainer.model.load_state_dict(init_state)
+    cuda = torch.cuda.is_available() and "--cpu" not in flags
+    warmup, timed = interval + 1, max(2 * interval, 20)
+    for sample in batches[:warmup]:
+        trainer.train_step([sample])
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        for sample in batches[warmup: warmup + timed]:
+            trainer.train_step([sample])
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if cuda else rss.peak
+    del trainer
+    return {"name": name, "ms": 1000 * elapsed / timed, "peak": peak}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("data")
+    parser.add_argument("--preset", choices=["cpu-small"], help="small model and batches for the CPU")
+    parser.add_argument("--sweep", default="20:2,20:1,20:5,10:2,50:2",
+                        help="K:B pairs to measure besides plain and lookahead")
+    parser.add_argument("--history", default="reverse", choices=["reverse", "checkpoint"])
+    args, model_flags = parser.parse_known_args()
+    if args.preset == "cpu-small":
+        model_flags = CPU_SMALL + model_flags
+    logging.disable(logging.WARNING)
+    sys.path.insert(0, REPO)
+    import fairseq_reweight  # noqa: F401
+
+    common = model_flags + ["--lr", "1e-3", "--momentum", "0.9", "--label-smoothing", "0.1",
+                            "--seed", "1", "--num-workers", "0"]
+    plain = common + ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--optimizer", "sgd"]
+    ours = common + ["--user-dir", USER_DIR, "--task", "reweight_translation",
+                     "--criterion", "reweighted_cross_entropy", "--optimizer", "reweight_sgd",
+                     "--reweight-history", args.history]
+    configs = [(f"K={k},B={b}", int(k), ours + ["--reweight-interval", k, "--reweight-backprop-steps", b])
+               for k, b in (pair.split(":") for pair in args.sweep.split(","))]
+    configs.append(("lookahead K=1,B=1", 1, ours + ["--reweight-interval", "1", "--reweight-backprop-steps", "1"]))
+    longest = max(k for _, k, _ in configs)
+
+    trainer, task, cfg = build(args.data, plain)
+    init_state = copy.deepcopy(trainer.model.state_dict())
+    itr = trainer.get_train_iterator(epoch=1, load_dataset=False).next_epoch_itr(shuffle=True)
+    batches = []
+    needed = longest + 1 + max(2 * longest, 20)
+    while len(batches) < needed:
+        try:
+            batches.append(next(itr))
+        except StopIteration:
+            itr = trainer.get_train_iterator(epoch=2, load_dataset=False).next_epoch_itr(shuffle=True)
+    del trainer
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and "--cpu" not in plain else "CPU"
+    print(f"device: {device}; torch {torch.__version__}; {sum(v.numel() for v in init_state.values()):,} "
+          f"parameters; {sum(b['ntokens'] for b in batches) / len(batches):.0f} target tokens per batch")
+    # a discarded first run absorbs one-off costs (CUDA context, kernel selection, allocator growth)
+    measure("warm-up", args.data, plain, init_state, batches, 20)
+    results = [measure("plain fairseq SGD", args.data, plain, init_state, batches, 20)]
+    for name, k, flags in configs:
+        results.append(measure(name, args.data, flags, init_state, batches, k))
+    base = results[0]
+    print(f"\n{'configuration':<22} {'ms/update':>10} {'x plain':>8} {'peak MiB':>9} {'x plain':>8}")
+    for r in results:
+        print(f"{r['name']:<22} {r['ms']:>10.1f} {r['ms'] / base['ms']:>8.2f} {r['peak'] / 2**20:>9.0f} "
+              f"{r['peak'] / base['peak']:>8.2f}")
+    print(f"\n(history mode: {args.history}; peak memory: "
+          f"{'torch.cuda.max_memory_allocated' if device != 'CPU' else 'process RSS'})")
+
+
+if __name__ == "__main__":
+    main()

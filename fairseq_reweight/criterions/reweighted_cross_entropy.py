@@ -1,0 +1,133 @@
+"""``--criterion reweighted_cross_entropy``: label-smoothed token cross-entropy times per-token
+weights.
+
+With no weights (``--reweight-teacher none``, or a validation step) it *is* fairseq's
+``label_smoothed_cross_entropy``: same code path, same numbers, same logged metrics. With a teacher
+(owned by the ``reweight_translation`` task, which attaches it here so that fairseq checkpoints it),
+each non-pad target token k gets a weight w_k normalised over the batch's non-pad tokens so that
+uniform weights give back the summed loss, and the loss is ``sum_k w_k l_k``.
+"""
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+from fairseq.criterions import register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import (
+    LabelSmoothedCrossEntropyCriterion,
+    LabelSmoothedCrossEntropyCriterionConfig,
+    label_smoothed_nll_loss,
+)
+from fairseq.logging import metrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReweightedCrossEntropyCriterionConfig(LabelSmoothedCrossEntropyCriterionConfig):
+    pass
+
+
+def unwrap_model(model):
+    """The fairseq model inside data-parallel wrappers (ModuleProxyWrapper, DDP, LegacyDDP, ...)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def capture_encoder_out(model):
+    """Record the encoder's output during ``model(**net_input)`` (a forward hook, so the forward
+    pass itself is exactly the model's own)."""
+    inner = unwrap_model(model)
+    captured = {}
+
+    def hook(_module, _inputs, output):
+        captured["encoder_out"] = output
+
+    handle = inner.encoder.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@register_criterion("reweighted_cross_entropy", dataclass=ReweightedCrossEntropyCriterionConfig)
+class ReweightedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
+    """Token-level (label-smoothed) cross-entropy with per-token weights from a teacher.
+
+    The task sets :attr:`weight_fn`: ``weight_fn(sample, encoder_out, net_output, lprobs) -> (w, raw)``
+    with ``w`` (B x T) normalised weights and ``raw`` (B x T) the teacher's unnormalised weights,
+    both 0 on padding (``raw`` is for logging). While it is ``None`` the criterion is plain
+    ``label_smoothed_cross_entropy``. Nothing here synchronises with the GPU (no ``.item()``, no
+    boolean indexing): fairseq reduces the logged tensors once per log interval.
+    """
+
+    def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False):
+        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
+        self.weight_fn = None
+
+    def forward(self, model, sample, reduce=True):
+        if self.weight_fn is None or not model.training:
+            return super().forward(model, sample, reduce=reduce)
+        with capture_encoder_out(model) as captured:
+            net_output = model(**sample["net_input"])
+        lprobs = model.get_normalized_probs(net_output, log_probs=True)  # B x T x V
+        target = model.get_targets(sample, net_output)  # B x T
+        weights, raw = self.weight_fn(sample, captured["encoder_out"], net_output, lprobs)
+        if self.ignore_prefix_size > 0:
+            lprobs = lprobs[:, self.ignore_prefix_size :, :]
+            target = target[:, self.ignore_prefix_size :]
+            weights = weights[:, self.ignore_prefix_size :]
+        token_loss, token_nll = label_smoothed_nll_loss(
+            lprobs.reshape(-1, lprobs.size(-1)),
+            target.reshape(-1),
+            self.eps,
+            ignore_index=self.padding_idx,
+            reduce=False,
+        )
+        loss = (token_loss.view(-1) * weights.reshape(-1).to(token_loss.dtype)).sum()
+        nll_loss = token_nll.sum()
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        raw = raw.detach().float()
+        logging_output = {
+            "loss": loss.data,
+            "nll_loss": nll_loss.data,
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+            "teacher_w_sum": raw.sum(),
+            "teacher_w_sq_sum": raw.pow(2).sum(),
+            "teacher_w_count": sample["ntokens"],
+        }
+        if self.report_accuracy:
+            mask = target.ne(self.padding_idx)
+            logging_output["n_correct"] = lprobs.argmax(-1).masked_select(mask).eq(
+                target.masked_select(mask)
+            ).sum().item()
+            logging_output["total"] = mask.sum().item()
+        return loss, sample_size, logging_output
+
+    def load_state_dict(self, state_dict, strict=True, **kwargs):
+        """A checkpoint without a teacher (e.g. pretrained with plain fairseq, or fine-tuned with
+        ``--reweight-teacher none``) leaves the fresh teacher as it is: fine-tuning starts uniform."""
+        if not state_dict:
+            logger.info("checkpoint has no teacher state: starting from a fresh teacher")
+            return
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        super().reduce_metrics(logging_outputs)
+        count = sum(log.get("teacher_w_count", 0) for log in logging_outputs)
+        if count > 0:
+            total = sum(log.get("teacher_w_sum", 0) for log in logging_outputs)
+            sq_total = sum(log.get("teacher_w_sq_sum", 0) for log in logging_outputs)
+            mean = float(total) / count
+            variance = max(float(sq_total) / count - mean * mean, 0.0)
+            metrics.log_scalar("w_mean", mean, count, round=4)
+            metrics.log_scalar("w_std", variance**0.5, count, round=4)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True

@@ -1,0 +1,124 @@
+"""Check the teacher's hypergradient on *your* model before a long run.
+
+    python -m fairseq_reweight.gradcheck DATA --user-dir fairseq_reweight --task reweight_translation \\
+        --criterion reweighted_cross_entropy --optimizer reweight_sgd --momentum 0.9 --lr 0.001 \\
+        --arch transformer_iwslt_de_en --max-tokens 512 --reweight-backprop-steps 2 [any fairseq option]
+
+Builds the model, criterion and teacher from ordinary fairseq arguments, converts them to float64 on
+the CPU, takes B = ``--reweight-backprop-steps`` real fairseq training steps (fairseq's Trainer:
+dropout, ``--update-freq``, ``--clip-norm``, weight decay as configured) on a few small batches, then
+computes the teacher gradient of the validation loss twice: with the reverse-mode algorithm the
+training run uses (``--reweight-history``), and with plain autograd through the unrolled steps.
+Prints ``max relative error: <x>`` last; exits with status 1 above ``--gradcheck-tolerance``.
+The teacher is given small random parameters first, so that every part of it gets a gradient.
+"""
+import argparse
+import logging
+import sys
+from unittest import mock
+
+import torch
+
+logger = logging.getLogger("fairseq_reweight.gradcheck")
+
+
+def relative_errors(ours, reference):
+    """Per-tensor ``||a - b|| / max(||b||, tiny)``."""
+    out = []
+    for a, b in zip(ours, reference):
+        denom = max(b.norm().item(), torch.finfo(b.dtype).tiny)
+        out.append((a - b).norm().item() / denom)
+    return out
+
+
+def _clip_grad_norm_float64(params, max_norm, aggregate_norm_fn=None):
+    """fairseq.utils.clip_grad_norm_'s formula without its float32 norm, which refuses float64."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    total = torch.norm(torch.stack([g.norm() for g in grads]))
+    if aggregate_norm_fn is not None:
+        total = aggregate_norm_fn(total)
+    if max_norm > 0:
+        coef = (max_norm / (total + 1e-6)).clamp_(max=1)
+        for g in grads:
+            g.mul_(coef)
+    return total
+
+
+def run(args) -> float:
+    from fairseq import options, tasks
+    from fairseq import utils as fairseq_utils
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.trainer import Trainer
+
+    from fairseq_reweight.errors import ReweightConfigError
+    from fairseq_reweight.hypergrad import unrolled_hypergradient, reverse_hypergradient
+
+    parser = options.get_training_parser()
+    fairseq_args = options.parse_args_and_arch(parser, args.fairseq_args + ["--cpu"])
+    cfg = convert_namespace_to_omegaconf(fairseq_args)
+    if cfg.task._name != "reweight_translation" or cfg.task.reweight_teacher == "none":
+        raise ReweightConfigError("gradcheck needs --task reweight_translation with a teacher (not --reweight-teacher none)")
+    torch.manual_seed(cfg.common.seed)
+    task = tasks.setup_task(cfg.task)
+    task.load_dataset(cfg.dataset.train_subset, combine=False, epoch=1)
+    dtype = {"float64": torch.float64, "float32": torch.float32}[args.gradcheck_dtype]
+    model = task.build_model(cfg.model).to(dtype)
+    criterion = task.build_criterion(cfg.criterion).to(dtype)
+    driver = task.driver
+    with torch.no_grad():
+        for p in driver.teacher.parameters():
+            p.normal_(0.0, 0.1)
+    trainer = Trainer(cfg, task, model, criterion)
+    start = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    epoch_itr = trainer.get_train_iterator(epoch=1, load_dataset=False)
+    batches = epoch_itr.next_epoch_itr(shuffle=True, fix_batches_to_gpus=False)
+    update_freq = cfg.optimization.update_freq[0]
+    num_steps = cfg.task.reweight_backprop_steps
+    with mock.patch.object(fairseq_utils, "clip_grad_norm_", _clip_grad_norm_float64):
+        for _ in range(num_steps):
+            trainer.train_step([next(batches) for _ in range(update_freq)])
+    val_sample = next(task.meta_valid_batches())
+    steps = list(driver._recorder.history)[-num_steps:]
+    if len(steps) != num_steps:
+        raise RuntimeError(f"expected {num_steps} recorded steps, got {len(steps)}")
+    with driver.replaying(trainer.model, criterion, trainer.get_num_updates()) as replay:
+        student = replay.student
+        _, val_grad = replay.validation_gradient(val_sample)
+        reverse = reverse_hypergradient(
+            student.theta(), student.momentum(), replay.omega, [student.convert_record(s) for s in steps],
+            replay.loss_fn, val_grad, mode=cfg.task.reweight_history,
+        ).teacher_grad
+        reference = unrolled_hypergradient(
+            start, None, replay.omega, steps, replay.loss_fn,
+            lambda params: replay.validation_loss(val_sample, params),
+        )
+    names = [name for name, _ in driver.teacher.named_parameters()]
+    errors = relative_errors(reverse, reference)
+    for name, err, g in zip(names, errors, reference):
+        print(f"teacher.{name:<28} |grad| {g.norm().item():.3e}  relative error {err:.3e}")
+    return max(errors)
+
+
+def cli_main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m fairseq_reweight.gradcheck",
+        description="Compare the reverse-mode teacher gradient with unrolled autograd (float64, CPU) "
+        "on your fairseq model; the remaining arguments are ordinary fairseq-train arguments.",
+    )
+    parser.add_argument("--gradcheck-tolerance", type=float, default=1e-6,
+                        help="largest acceptable relative error (default 1e-6)")
+    parser.add_argument("--gradcheck-dtype", choices=["float64", "float32"], default="float64",
+                        help="float64 (default) checks the algorithm; float32 shows the round-off "
+                        "of a real run")
+    args, rest = parser.parse_known_args(argv)
+    args.fairseq_args = rest
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s | %(name)s | %(message)s")
+    error = run(args)
+    print(f"max relative error: {error:.3e}")
+    if not error <= args.gradcheck_tolerance:
+        print(f"gradcheck FAILED: above the tolerance {args.gradcheck_tolerance:g}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli_main()

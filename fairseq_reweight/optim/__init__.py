@@ -1,0 +1,1 @@
+from . import reweight_sgd  # noqa: F401  (registers the optimizer)

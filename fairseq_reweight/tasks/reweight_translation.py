@@ -1,0 +1,195 @@
+"""``--task reweight_translation``: fairseq's ``translation`` task whose training step a teacher
+weights, token by token (Fan et al., "Learning to Reweight with Deep Interactions", AAAI 2021).
+
+Same data format and options as ``translation``; the ``--reweight-*`` / ``--teacher-*`` options
+below choose the teacher and its meta-update schedule. ``--reweight-teacher none`` is the uniform
+baseline: bit-identical to ``--task translation --criterion label_smoothed_cross_entropy
+--optimizer sgd``.
+"""
+import contextlib
+import glob
+import itertools
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fairseq.dataclass import ChoiceEnum
+from fairseq.tasks import register_task
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+from omegaconf import II
+
+from fairseq_reweight.driver import ALL_FEATURES, ReweightDriver
+from fairseq_reweight.errors import ReweightConfigError
+from fairseq_reweight.hypergrad import math_attention
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReweightTranslationConfig(TranslationConfig):
+    reweight_teacher: ChoiceEnum(["none", "deep", "surface"]) = field(
+        default="deep",
+        metadata={
+            "help": "none: uniform weights (plain fine-tuning, the baseline); deep: the paper's "
+            "deep-interaction teacher on the student's internal states and the label; surface: "
+            "a teacher on surface features only (progress, loss, best-valid, prediction, margin)"
+        },
+    )
+    teacher_features: str = field(
+        default="",
+        metadata={
+            "help": "comma-separated teacher inputs from " + ",".join(ALL_FEATURES) + "; default "
+            "encoder,label for --reweight-teacher deep and all surface features for surface"
+        },
+    )
+    teacher_hidden_layers: int = field(
+        default=0, metadata={"help": "0: the paper's linear teacher; N: an MLP with N ReLU layers"}
+    )
+    teacher_hidden_dim: int = field(default=64, metadata={"help": "width of the MLP teacher"})
+    teacher_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the teacher"})
+    teacher_clip_norm: float = field(
+        default=0.0, metadata={"help": "clip the teacher's gradient norm to this (0: off)"}
+    )
+    reweight_granularity: ChoiceEnum(["token", "sentence"]) = field(
+        default="token", metadata={"help": "one weight per target token, or per sentence"}
+    )
+    reweight_interval: int = field(
+        default=20, metadata={"help": "K: student updates between teacher updates"}
+    )
+    reweight_backprop_steps: int = field(
+        default=2, metadata={"help": "B: student updates the hypergradient differentiates through (B <= K)"}
+    )
+    reweight_history: ChoiceEnum(["reverse", "checkpoint"]) = field(
+        default="reverse",
+        metadata={
+            "help": "reverse: recover earlier parameters by undoing the momentum-SGD steps (stores "
+            "nothing; needs momentum > 0); checkpoint: keep B copies of parameters and momentum (exact)"
+        },
+    )
+    reweight_features_grad: bool = field(
+        default=False,
+        metadata={"help": "let the weights depend on the student through its features (off: detached, as in the paper)"},
+    )
+    meta_valid_subset: str = field(
+        default="valid", metadata={"help": "data split whose loss the teacher minimises"}
+    )
+    meta_valid_max_tokens: int = field(
+        default=4096, metadata={"help": "tokens per meta-validation batch"}
+    )
+    reweight_noise_sidecar: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "a train.noise file (one 0/1 line per training pair, 1 = noised; see "
+            "data_prep/README.md): log noise_auc, the ROC AUC of 'low teacher weight => noisy pair', "
+            "and the mean weight of noisy/clean pairs (noise_w_noisy, noise_w_clean) on a fixed subset "
+            "of the training split during training (does not change training)"
+        },
+    )
+    reweight_noise_auc_interval: int = field(
+        default=10, metadata={"help": "with --reweight-noise-sidecar: compute noise_auc every N meta-updates"}
+    )
+    seed: int = II("common.seed")
+    max_update: int = II("optimization.max_update")
+    clip_norm: float = II("optimization.clip_norm")
+
+
+@register_task("reweight_translation", dataclass=ReweightTranslationConfig)
+class ReweightTranslationTask(TranslationTask):
+    """Translation with a teacher that weights every target token of the training loss."""
+
+    cfg: ReweightTranslationConfig
+
+    @classmethod
+    def setup_task(cls, cfg: ReweightTranslationConfig, **kwargs):
+        for path in (cfg.data or "").split(os.pathsep) or [""]:
+            if not os.path.isdir(path):
+                raise ReweightConfigError(
+                    f"data directory {path!r} not found: give a fairseq-preprocess output directory "
+                    "(see data_prep/README.md)"
+                )
+        return super().setup_task(cfg, **kwargs)
+
+    def __init__(self, cfg, src_dict, tgt_dict):
+        super().__init__(cfg, src_dict, tgt_dict)
+        self.driver = None
+
+    def build_criterion(self, cfg):
+        criterion = super().build_criterion(cfg)
+        if self.cfg.reweight_teacher == "none":
+            return criterion
+        if not hasattr(criterion, "weight_fn"):
+            raise ReweightConfigError(
+                f"--reweight-teacher {self.cfg.reweight_teacher} needs --criterion "
+                f"reweighted_cross_entropy (got {type(criterion).__name__})"
+            )
+        self._check_meta_valid_split()
+        model_cfg = self._model_cfg
+        self.driver = ReweightDriver(
+            self.cfg,
+            self.tgt_dict,
+            encoder_dim=model_cfg.encoder_embed_dim,
+            decoder_dim=model_cfg.decoder_embed_dim,
+        )
+        criterion.reweight = self.driver  # checkpointed with the criterion (see driver.py)
+        criterion.weight_fn = self.driver.token_weights
+        return criterion
+
+    def build_model(self, cfg, from_checkpoint=False):
+        self._model_cfg = cfg
+        return super().build_model(cfg, from_checkpoint)
+
+    def _training_attention(self):
+        """With attention dropout, fused attention kernels draw other dropout masks than the math
+        kernel the replay needs (it has no double backward otherwise), so the training forward runs
+        under the math kernel too; without attention dropout both give the same function."""
+        if self.driver is not None and getattr(self._model_cfg, "attention_dropout", 0.0) > 0:
+            return math_attention()
+        return contextlib.nullcontext()
+
+    def _check_meta_valid_split(self):
+        data = self.cfg.data.split(os.pathsep)[0]
+        pattern = os.path.join(data, f"{self.cfg.meta_valid_subset}.*-*.{self.cfg.source_lang}.idx")
+        if not glob.glob(pattern):
+            src, tgt = self.cfg.source_lang, self.cfg.target_lang
+            raise ReweightConfigError(
+                f"--meta-valid-subset {self.cfg.meta_valid_subset}: no {self.cfg.meta_valid_subset}."
+                f"{src}-{tgt}.{src}.{{bin,idx}} / .{tgt}.{{bin,idx}} in {data}; binarize a "
+                "validation split with fairseq-preprocess --validpref"
+            )
+
+    def meta_valid_batches(self, skip=0):
+        """An endless stream of batches of ``--meta-valid-subset`` (the same on every rank), less
+        the first ``skip`` (already used before a restart)."""
+        return itertools.islice(self._meta_valid_stream(), skip, None)
+
+    def _meta_valid_stream(self):
+        epoch = 1
+        if self.cfg.meta_valid_subset not in self.datasets:
+            self.load_dataset(self.cfg.meta_valid_subset, combine=False, epoch=1)
+        dataset = self.dataset(self.cfg.meta_valid_subset)
+        while True:
+            iterator = self.get_batch_iterator(
+                dataset,
+                max_tokens=self.cfg.meta_valid_max_tokens,
+                max_positions=self.max_positions(),
+                ignore_invalid_inputs=True,
+                seed=self.cfg.seed,
+                epoch=epoch,
+                disable_iterator_cache=True,
+            ).next_epoch_itr(shuffle=True)
+            yield from iterator
+            epoch += 1
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        if self.driver is None:
+            return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        self.driver.before_micro_batch(
+            model, criterion, optimizer, update_num, sample, ignore_grad, self.meta_valid_batches
+        )
+        with self._training_attention():
+            loss, sample_size, logging_output = super().train_step(
+                sample, model, criterion, optimizer, update_num, ignore_grad
+            )
+        self.driver.observe(logging_output)
+        return loss, sample_size, logging_output

@@ -1,0 +1,115 @@
+"""The fairseq glue: registration, uniform == plain fairseq, train -> generate -> BLEU, bad input."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fairseq_reweight  # noqa: F401  (registers the components)
+from conftest import REPO, USER_DIR
+from fairseq_helpers import REWEIGHT, TINY_TRANSFORMER, inner_stats as _inner, run_generate, run_train
+
+COMMON = TINY_TRANSFORMER + ["--lr", "0.05", "--momentum", "0.9", "--weight-decay", "0.0001",
+                            "--label-smoothing", "0.1", "--clip-norm", "1.0", "--update-freq", "2",
+                            "--max-update", "6", "--no-epoch-checkpoints"]
+
+
+def _train_losses(stats):
+    return [s["loss"] for s in _inner(stats)]
+
+
+def test_uniform_weights_reproduce_fairseq_bit_for_bit(tiny_data_bin, tmp_path):
+    plain = run_train(tiny_data_bin, str(tmp_path / "plain"), COMMON + [
+        "--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--optimizer", "sgd"])
+    ours = run_train(tiny_data_bin, str(tmp_path / "ours"), COMMON + REWEIGHT + ["--reweight-teacher", "none"])
+    assert len(_train_losses(plain)) == 6
+    assert _train_losses(plain) == _train_losses(ours)
+    a = torch.load(tmp_path / "plain" / "checkpoint_last.pt")["model"]
+    b = torch.load(tmp_path / "ours" / "checkpoint_last.pt")["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_teacher_at_init_matches_uniform_loss(tiny_data_bin, tmp_path):
+    """The zero-initialised teacher gives weight 0.5 everywhere, i.e. uniform after normalisation:
+    the first update's loss equals the baseline's (the teacher changes only at the first meta-update)."""
+    base = run_train(tiny_data_bin, str(tmp_path / "a"), COMMON + REWEIGHT + ["--reweight-teacher", "none"])
+    deep = run_train(tiny_data_bin, str(tmp_path / "b"), COMMON + REWEIGHT + ["--reweight-interval", "4"])
+    first_base, first_deep = float(_train_losses(base)[0]), float(_train_losses(deep)[0])
+    assert first_deep == first_base  # logged to 3 decimals
+
+
+def test_reweighted_run_checkpoint_generate_bleu(tiny_data_bin, tmp_path):
+    save = tmp_path / "ckpt"
+    stats = run_train(tiny_data_bin, str(save), COMMON + REWEIGHT + [
+        "--reweight-interval", "3", "--reweight-backprop-steps", "2", "--max-update", "9"])
+    logged = {k for s in _inner(stats) for k in s}
+    assert {"meta_val_loss", "teacher_gnorm", "meta_time", "w_mean", "w_std"} <= logged
+    state = torch.load(save / "checkpoint_last.pt")  # safe loader (weights_only) with our allow-list
+    teacher = {k: v for k, v in state["criterion"].items() if k.startswith("reweight.teacher.")}
+    assert teacher and any(v.abs().sum() > 0 for v in teacher.values()), "teacher never updated"
+    # meta-updates run at the start of updates 3 and 6 (K = 3; training stops at 9)
+    assert state["criterion"]["reweight._extra_state"]["num_meta_updates"] == 2
+    out = run_generate(tiny_data_bin, str(save / "checkpoint_last.pt"),
+                       ["--user-dir", USER_DIR, "--task", "reweight_translation"])
+    hyps = [line.split("\t")[2] for line in out.splitlines() if line.startswith("H-")]
+    refs = [line.split("\t")[1] for line in out.splitlines() if line.startswith("T-")]
+    assert len(hyps) == len(refs) == 40
+    import sacrebleu
+
+    bleu = sacrebleu.corpus_bleu(hyps, [refs])
+    assert 0.0 <= bleu.score <= 100.0 and bleu.sys_len > 0
+
+
+def test_teacher_is_not_trained_by_the_student_optimizer(tiny_data_bin, tmp_path):
+    from fairseq import options, tasks
+    from fairseq.trainer import Trainer
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [tiny_data_bin] + COMMON + REWEIGHT)
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    trainer = Trainer(cfg, task, model, criterion)
+    student = {id(p) for group in trainer.optimizer.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) not in student for p in criterion.reweight.teacher.parameters())
+    assert len(student) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def _cli(args, cwd):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "fairseq_cli.train"] + args, cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--reweight-teacher", "smart"], "invalid choice: 'smart'"),
+        (["--optimizer", "adam", "--lr", "0.001"], "needs --optimizer reweight_sgd"),
+        (["--momentum", "0"], "cannot undo steps in reverse"),
+        (["--teacher-features", "encoder,colour"], "unknown --teacher-features colour"),
+        (["--reweight-interval", "2", "--reweight-backprop-steps", "3"], "must be between 1 and"),
+        (["--meta-valid-subset", "dev"], "--meta-valid-subset dev: no dev.de-en.de"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(tiny_data_bin, tmp_path, extra, message):
+    optimizer = [] if "--optimizer" in extra else ["--optimizer", "reweight_sgd", "--momentum", "0.9", "--lr", "0.1"]
+    task = REWEIGHT[: REWEIGHT.index("--optimizer")]
+    args = [tiny_data_bin] + task + TINY_TRANSFORMER + optimizer + ["--max-update", "2", "--no-save"] + extra
+    result = _cli(args, cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_data_directory(tmp_path):
+    result = _cli([str(tmp_path / "nope")] + REWEIGHT + TINY_TRANSFORMER + ["--lr", "0.1"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "fairseq-reweight: error: data directory" in result.stderr
+    assert "Traceback" not in result.stderr
