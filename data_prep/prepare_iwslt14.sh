@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Prepares IWSLT14 De->En the way fairseq's examples/translation/prepare-iwslt14.sh does, from the
+# de-en.tgz archive, into OUT_DIR/{tok,subword,data-bin}. See data_prep/README.md.
+set -euo pipefail
+SCRIPT_NAME=prepare_iwslt14.sh
+# shellcheck source=data_prep/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+URL="http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"
+
+usage() {
+  cat <<EOF
+Usage: $SCRIPT_NAME [options] OUT_DIR
+
+Builds OUT_DIR/tok/{train,valid,test}.{de,en} (Moses-tokenized, lowercased words),
+OUT_DIR/subword/ (BPE codes or sentencepiece model, segmented text) and OUT_DIR/data-bin/ (fairseq
+binaries, joined dictionary that also holds the mask token) from the IWSLT14 de-en.tgz archive.
+valid = every 23rd cleaned training pair; test = dev2010 + TEDX.dev2012 + tst2010-2012.
+
+Options:
+  --archive PATH       the de-en.tgz archive (default: OUT_DIR/../de-en.tgz, downloaded from
+                       $URL if missing)
+  --spm                sentencepiece (BPE model) instead of subword-nmt BPE
+  --bpe-merges N       subword-nmt merge operations (default 10000)
+  --spm-vocab-size N   sentencepiece vocabulary size (default 10000)
+  --mask-token TOK     noise token added to the dictionary, kept whole by BPE (default <mask>)
+  --workers N          processes for tokenization and binarization (default 2)
+  --force              rebuild OUT_DIR even if it is complete
+  -h, --help           this message
+Environment: PYTHON (default: python3 of an active venv, else the repository's .venv).
+EOF
+}
+
+ARCHIVE="" METHOD=bpe BPE_MERGES=10000 SPM_VOCAB=10000 MASK_TOKEN="<mask>" WORKERS=2 FORCE=0  # FORCE is read by lib.sh
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --archive) ARCHIVE=${2:?--archive needs a path}; shift 2 ;;
+    --spm) METHOD=spm; shift ;;
+    --bpe-merges) BPE_MERGES=${2:?}; shift 2 ;;
+    --spm-vocab-size) SPM_VOCAB=${2:?}; shift 2 ;;
+    --mask-token) MASK_TOKEN=${2:?}; shift 2 ;;
+    --workers) WORKERS=${2:?}; shift 2 ;;
+    --force) export FORCE=1; shift ;;
+    -*) die "unknown option $1 (see -h)" ;;
+    *) break ;;
+  esac
+done
+[ $# -eq 1 ] || { usage >&2; exit 2; }
+OUT=${1%/}
+require_int --bpe-merges "$BPE_MERGES" 1
+require_int --spm-vocab-size "$SPM_VOCAB" 1
+require_int --workers "$WORKERS" 1
+[[ "$MASK_TOKEN" =~ ^[^[:space:]]+$ ]] || die "--mask-token must be one word without spaces, got '$MASK_TOKEN'"
+SIZE=$([ "$METHOD" = bpe ] && echo "$BPE_MERGES" || echo "$SPM_VOCAB")
+SRC=de TGT=en
+
+find_python sacremoses subword_nmt sentencepiece fairseq_cli
+
+if [ -z "$ARCHIVE" ]; then
+  ARCHIVE=$(dirname "$OUT")/de-en.tgz
+  if [ ! -e "$ARCHIVE" ]; then
+    step "downloading $URL to $ARCHIVE"
+    mkdir -p "$(dirname "$ARCHIVE")"
+    "$PYTHON" - "$URL" "$ARCHIVE" <<'EOF' || die "could not download $URL (offline?): download it elsewhere and pass --archive PATH"
+import os, sys, time, urllib.request
+url, dest = sys.argv[1:]
+part = f"{dest}.part.{os.getpid()}"
+try:
+    with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
+        total, done, last = int(r.headers.get("Content-Length") or 0), 0, 0.0
+        while chunk := r.read(1 << 20):
+            f.write(chunk)
+            done += len(chunk)
+            if time.monotonic() - last > 5:
+                last = time.monotonic()
+                print(f"  {done >> 20} of {total >> 20} MiB", file=sys.stderr, flush=True)
+    os.replace(part, dest)
+except Exception as e:
+    if os.path.exists(part):
+        os.remove(part)
+    sys.exit(f"  {type(e).__name__}: {e}")
+EOF
+  fi
+fi
+[ -f "$ARCHIVE" ] || die "archive not found: $ARCHIVE"
+
+SETTINGS="recipe=prepare_iwslt14 v1
+archive_sha256=$(sha256_of "$ARCHIVE")
+src=$SRC
+tgt=$TGT
+lowercase=1
+clean=1-175 ratio 1.5
+valid=every 23rd training pair
+subword=$METHOD
+subword_size=$SIZE
+mask_token=$MASK_TOKEN"
+check_existing_output "$OUT" "$SETTINGS"
+begin_output "$OUT"
+mkdir -p "$WORK/raw" "$WORK/tok"
+
+step "extracting $ARCHIVE (stripping markup as fairseq does)"
+"$PYTHON" "$DATA_PREP_DIR/iwslt14_extract.py" "$ARCHIVE" "$WORK/raw"
+
+step "tokenizing (sacremoses, Moses escaping) and lowercasing"
+TOKENIZE_FILES=()
+for split in train test; do
+  for lang in $SRC $TGT; do
+    TOKENIZE_FILES+=("$lang" "$WORK/raw/$split.$lang" "$WORK/raw/$split.tok.$lang")
+  done
+done
+"$PYTHON" "$DATA_PREP_DIR/moses_tokenize.py" --lowercase --workers "$WORKERS" "${TOKENIZE_FILES[@]}"
+
+step "cleaning the training pairs (length 1-175, ratio 1.5)"
+"$PYTHON" "$DATA_PREP_DIR/clean_corpus.py" --min 1 --max 175 --ratio 1.5 \
+  "$WORK/raw/train.tok.$SRC" "$WORK/raw/train.tok.$TGT" "$WORK/raw/train.clean.$SRC" "$WORK/raw/train.clean.$TGT"
+
+step "splitting valid = every 23rd training pair; test = dev2010 + TEDX.dev2012 + tst2010-2012"
+for lang in $SRC $TGT; do
+  awk 'NR % 23 == 0' "$WORK/raw/train.clean.$lang" >"$WORK/tok/valid.$lang"
+  awk 'NR % 23 != 0' "$WORK/raw/train.clean.$lang" >"$WORK/tok/train.$lang"
+  mv "$WORK/raw/test.tok.$lang" "$WORK/tok/test.$lang"
+done
+for split in train valid test; do
+  log "  $split: $(wc -l <"$WORK/tok/$split.$SRC") pairs"
+done
+rm -rf "$WORK/raw"
+
+subword_and_binarize_clean "$WORK" "$SRC" "$TGT" "$METHOD" "$SIZE" "$MASK_TOKEN" "$WORKERS"
+finish_output "$OUT" "$SETTINGS"
