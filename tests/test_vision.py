@@ -23,13 +23,13 @@ from fairseq_reweight.vision.cifar import (
 )
 from fairseq_reweight.vision.digits import load_digits_splits
 from fairseq_reweight.vision.resnet import CifarResNet, WideResNet
-from fairseq_reweight.vision.train import (
+from fairseq_reweight.vision.reweight import (
     ExampleWeigher,
     StepData,
-    main,
     student_loss,
     teacher_hypergradient,
 )
+from fairseq_reweight.vision.train import main
 
 logging.getLogger("fairseq_reweight").setLevel(logging.WARNING)
 

@@ -7,22 +7,17 @@ batch through the last B student steps (Fan et al., "Learning to Reweight with D
 Interactions", AAAI 2021, Algorithm 1; equations in docs/METHOD.md). It reports the test error
 and the teacher's AUC at telling noisy training labels from clean ones (low weight = noisy).
 
+This module is the command: options, data and model setup, the training loop, logging,
+evaluation and checkpoints. The teacher's inputs, the replay of recorded steps and the
+meta-update live in :mod:`fairseq_reweight.vision.reweight` (the teacher kinds and the
+train-mode replay are described there); ``--teacher none`` is plain training.
+
 Design choices:
-- Teachers: ``deep`` is the paper's I0 + M0 (layer-normalised penultimate features plus a label
-  embedding); ``surface`` is M1 (training progress, running mean training loss, best validation
-  accuracy, per-example loss, prediction == label, probability margin); ``none`` is plain
-  training. The linear ``deep`` teacher scores ``W.I + E[y]``, a sum with no feature-label
-  interaction, so it cannot express "these features disagree with this label";
-  ``--teacher-hidden-layers 1`` (an MLP over [I; E[y]]) can.
-- Weights are normalised within the minibatch (mean 1), so the loss ``mean(w * CE)`` is plain CE
-  under uniform weights and at the teacher's zero initialisation.
-- Train mode: the replayed steps and the validation loss run in train mode (BatchNorm batch
-  statistics, dropout on) on copies of the running statistics, so they see exactly the function
-  the student step minimised and never touch the model's running statistics. Replays restore the
-  RNG state of their forward pass (same dropout masks).
 - Every source of randomness in an epoch (order, augmentation, validation batches) comes from a
   generator seeded by (seed, epoch); checkpoints are written at epoch ends, so a resumed run
-  repeats the uninterrupted one.
+  repeats the uninterrupted one. A checkpoint holds the last B recorded steps with their
+  :class:`~fairseq_reweight.vision.reweight.StepData`, so the first teacher step after a resume
+  differentiates through the same steps.
 """
 import argparse
 import json
@@ -31,158 +26,29 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from fairseq_reweight.errors import ReweightConfigError
-from fairseq_reweight.hypergrad import RecordingSGD, StepRecord, reverse_hypergradient
-from fairseq_reweight.teacher import Teacher, normalize_weights
+from fairseq_reweight.hypergrad import RecordingSGD, StepRecord
 from fairseq_reweight.vision.cifar import NOISE_KINDS, ImageSplits, load_cifar, random_crop_flip
 from fairseq_reweight.vision.resnet import build_student
+from fairseq_reweight.vision.reweight import (
+    TEACHER_KINDS,
+    ExampleWeigher,
+    StepData,
+    student_loss,
+    teacher_update,
+)
 
 logger = logging.getLogger("fairseq_reweight.vision.train")
 
-TEACHER_KINDS = ("none", "deep", "surface", "deep+surface")
-SURFACE_FEATURES = ("progress", "mean_train_loss", "best_valid_acc", "example_loss",
-                    "predicted_is_label", "margin")
 VALID_SIZE = {"cifar10": 5000, "cifar100": 5000, "digits": 100}
 RESUME_KEYS = ("dataset", "noise", "noise_rate", "seed", "arch", "depth", "width", "teacher",
                "batch_size", "valid_size", "reweight_backprop_steps", "history_mode")
-
-
-@dataclass
-class StepData:
-    """What replaying one student step needs (stored in ``StepRecord.data``)."""
-
-    inputs: Tensor  # N x C x H x W, normalised and augmented exactly as trained on
-    labels: Tensor  # N, the (noisy) training labels
-    progress: float = 0.0
-    mean_train_loss: float = 0.0
-    best_valid_acc: float = 0.0
-    rng_state: Optional[Tensor] = None  # CPU RNG before the forward pass (dropout masks)
-    cuda_rng_state: Optional[Tensor] = None
-
-
-class ExampleWeigher(nn.Module):
-    """The teacher together with the construction of its inputs from the student's outputs."""
-
-    def __init__(self, kind: str, feature_dim: int, num_classes: int, hidden_layers: int = 0):
-        super().__init__()
-        if kind not in TEACHER_KINDS[1:]:
-            raise ReweightConfigError(f"unknown teacher {kind!r}: choose one of {TEACHER_KINDS}")
-        self.deep = kind in ("deep", "deep+surface")
-        self.surface = kind in ("surface", "deep+surface")
-        dense = feature_dim * self.deep + len(SURFACE_FEATURES) * self.surface
-        self.teacher = Teacher(dense, num_classes if self.deep else 0, hidden_layers,
-                               normalize_features=False)
-
-    def forward(self, features: Tensor, logits: Tensor, labels: Tensor, losses: Tensor,
-                context: StepData) -> Tensor:
-        """Weights in (0, 1) before normalisation, one per example (inputs should be detached)."""
-        parts = []
-        if self.deep:
-            parts.append(F.layer_norm(features, features.shape[-1:]))  # I0
-        if self.surface:
-            parts.append(surface_features(logits, labels, losses, context))  # M1
-        return self.teacher(torch.cat(parts, dim=-1), labels if self.deep else None)
-
-
-def surface_features(logits: Tensor, labels: Tensor, losses: Tensor, context: StepData) -> Tensor:
-    """N x 6 surface features, in the order of ``SURFACE_FEATURES``."""
-    probs = logits.softmax(dim=-1)
-    label_prob = probs.gather(1, labels[:, None])  # N x 1
-    best_other = probs.scatter(1, labels[:, None], 0.0).amax(dim=1, keepdim=True)
-    correct = (logits.argmax(dim=1) == labels).to(logits.dtype)[:, None]
-    shared = logits.new_tensor([context.progress, context.mean_train_loss, context.best_valid_acc])
-    return torch.cat([shared.expand(len(labels), 3), losses[:, None], correct,
-                      label_prob - best_other], dim=1)
-
-
-class _ReplayRNG:
-    """Restores the RNG state a forward pass started from (same dropout masks), then undoes it."""
-
-    def __init__(self, data: StepData):
-        self.data, self.saved = data, None
-
-    def __enter__(self):
-        if self.data.rng_state is not None:
-            device = self.data.inputs.device
-            cuda = self.data.cuda_rng_state is not None
-            self.saved = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None)
-            torch.set_rng_state(self.data.rng_state)
-            if cuda:
-                torch.cuda.set_rng_state(self.data.cuda_rng_state, device)
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            torch.set_rng_state(self.saved[0])
-            if self.saved[1] is not None:
-                torch.cuda.set_rng_state(self.saved[1], self.data.inputs.device)
-
-
-def student_loss(model: nn.Module, weigher: Optional[ExampleWeigher], data: StepData,
-                 params: Optional[Dict[str, Tensor]] = None, teacher_grad: bool = False):
-    """The reweighted training loss ``mean_i(w_i * CE_i)`` of one step.
-
-    With ``params`` the model is evaluated functionally at those parameters, on copies of its
-    buffers (the step is replayed without touching BatchNorm running statistics).
-
-    Returns:
-        (loss, per-example cross-entropy, raw teacher weights or None), the last two detached.
-    """
-    if params is None:  # the step itself: draws fresh dropout masks, updates BatchNorm stats
-        logits, features = model(data.inputs)
-    else:
-        with _ReplayRNG(data):
-            buffers = {name: b.clone() for name, b in model.named_buffers()}
-            logits, features = functional_call(model, (params, buffers), (data.inputs,))
-    losses = F.cross_entropy(logits, data.labels, reduction="none")  # N
-    if weigher is None:
-        return losses.mean(), losses.detach(), None
-    with torch.set_grad_enabled(teacher_grad):
-        raw = weigher(features.detach(), logits.detach(), data.labels, losses.detach(), data)
-    return (normalize_weights(raw) * losses).mean(), losses.detach(), raw.detach()
-
-
-def teacher_hypergradient(model: nn.Module, optimizer: RecordingSGD, weigher: ExampleWeigher,
-                          val_inputs: Tensor, val_labels: Tensor, backprop_steps: int,
-                          mode: str = "reverse"):
-    """Algorithm 1: ``d L_val(theta_K) / d omega`` through the last ``backprop_steps`` steps.
-
-    Returns:
-        (validation loss at theta_K, list of gradients like ``weigher.parameters()``).
-    """
-    names = [name for name, _ in model.named_parameters()]
-    params = [p for _, p in model.named_parameters()]
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    logits, _ = functional_call(model, (dict(zip(names, params)), buffers), (val_inputs,))
-    val_loss = F.cross_entropy(logits, val_labels)
-    val_grad = torch.autograd.grad(val_loss, params)
-
-    def loss_fn(step: StepRecord, step_params: List[Tensor]) -> Tensor:
-        return student_loss(model, weigher, step.data, dict(zip(names, step_params)), True)[0]
-
-    steps = optimizer.window(backprop_steps)  # oldest first
-    result = reverse_hypergradient([p.detach() for p in params], optimizer.momentum_buffers(),
-                                   list(weigher.parameters()), steps, loss_fn, val_grad, mode=mode)
-    return float(val_loss.detach()), result.teacher_grad
-
-
-def teacher_update(model: nn.Module, optimizer: RecordingSGD, weigher: ExampleWeigher,
-                   teacher_optimizer: torch.optim.Optimizer, val_inputs: Tensor, val_labels: Tensor,
-                   backprop_steps: int, mode: str = "reverse") -> float:
-    """One teacher step on the hypergradient; returns the validation loss at theta_K."""
-    val_loss, grads = teacher_hypergradient(model, optimizer, weigher, val_inputs, val_labels,
-                                            backprop_steps, mode)
-    teacher_optimizer.zero_grad(set_to_none=True)
-    for weight, grad in zip(weigher.parameters(), grads):
-        weight.grad = grad
-    teacher_optimizer.step()
-    return val_loss
 
 
 @torch.no_grad()
@@ -367,9 +233,7 @@ def train_epoch(run: Run, epoch: int):
             images = random_crop_flip(images, 4, generator)
         data = run.context()
         data.inputs, data.labels = splits.normalize(images), splits.train_labels[idx]
-        data.rng_state = torch.get_rng_state()
-        if device.type == "cuda":
-            data.cuda_rng_state = torch.cuda.get_rng_state(device)
+        data.record_rng_state()
         loss, losses, raw = student_loss(run.model, run.weigher, data)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
