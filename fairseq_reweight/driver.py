@@ -33,7 +33,7 @@ from torch import nn
 
 from fairseq_reweight.criterions.reweighted_cross_entropy import unwrap_model
 from fairseq_reweight.errors import ReweightConfigError
-from fairseq_reweight.hypergrad import StepRecord, reverse_hypergradient
+from fairseq_reweight.hypergrad import StepRecord, reverse_hypergradient, substitute_parameters
 from fairseq_reweight.teacher import Teacher, normalize_weights
 
 logger = logging.getLogger(__name__)
@@ -357,16 +357,20 @@ class Replay:
 
     def __init__(self, driver, student, criterion, omega):
         self.driver, self.student, self.omega = driver, student, omega
-        self.caller = _CriterionCall(student.replay_model, criterion)
         self.criterion = criterion
+
+    def _loss(self, sample, params):
+        """``criterion(model, sample)``'s loss with the student's parameters set to ``params``."""
+        model = self.student.replay_model
+        with substitute_parameters(model, self.student.param_dict(params)):
+            return self.criterion(model, sample)[0]
 
     def validation_loss(self, sample, params):
         """Token-averaged validation loss at ``params`` (model in eval mode: no dropout)."""
         if self.student.device.type == "cuda":
             sample = utils.move_to_cuda(sample, device=self.student.device)
         self.student.replay_model.eval()
-        loss = torch.func.functional_call(self.caller, self.student.param_dict(params), (sample,))
-        return loss / float(sample_size(sample, self.criterion))
+        return self._loss(sample, params) / float(sample_size(sample, self.criterion))
 
     def validation_gradient(self, sample):
         leaves = [t.detach().requires_grad_() for t in self.student.theta()]
@@ -389,9 +393,8 @@ class Replay:
         model = self.student.replay_model
         model.train()
         model.set_num_updates(data.update_num)
-        named = self.student.param_dict(params)
         for sample, ignore_grad in data.micro_batches:
-            loss = torch.func.functional_call(self.caller, named, (sample,))
+            loss = self._loss(sample, params)
             yield loss * 0.0 if ignore_grad else loss / total
 
 
@@ -440,19 +443,6 @@ def _all_reduce_fn():
     return all_reduce
 
 
-class _CriterionCall(nn.Module):
-    """``criterion(model, sample)`` as one module call, so that ``torch.func.functional_call`` can
-    substitute the student's parameters for the whole loss computation."""
-
-    def __init__(self, model, criterion):
-        super().__init__()
-        self.model = model
-        self.criterion = criterion
-
-    def forward(self, sample):
-        return self.criterion(self.model, sample)[0]
-
-
 class StudentView:
     """The student's parameters as the optimizer holds them, seen in the model's shapes.
 
@@ -490,7 +480,7 @@ class StudentView:
         return self.to_model_shapes(self.recorder.momentum_buffers())
 
     def param_dict(self, params):
-        return {"model." + name: p for name, p in zip(self.names, params)}
+        return dict(zip(self.names, params))
 
     def convert_record(self, record):
         if record.params is None:

@@ -42,6 +42,17 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_data_bin, tmp_path
     _assert_equal(full_model, cut_model)
 
 
+def test_shared_embeddings_stay_tied_through_meta_updates(tiny_data_bin, tmp_path):
+    """--share-all-embeddings: the replay must not untie the student's shared weights (it did with
+    torch.func.functional_call), or the optimizer would stop updating one of the copies."""
+    run_train(tiny_data_bin, str(tmp_path), BASE + ["--max-update", "8", "--share-all-embeddings"])
+    model, teacher = _state(tmp_path / "checkpoint_last.pt")
+    assert any(v.abs().sum() > 0 for v in teacher.values())  # meta-updates happened
+    shared = model["encoder.embed_tokens.weight"]
+    assert torch.equal(shared, model["decoder.embed_tokens.weight"])
+    assert torch.equal(shared, model["decoder.output_projection.weight"])
+
+
 def test_checkpoint_history_mode_trains_like_reverse(tiny_data_bin, tmp_path):
     """In float32 the two ways of recovering earlier states give the same meta-updates (to logged
     precision) and nearly the same student. (Teacher parameters are not compared one by one: the

@@ -12,6 +12,7 @@ from .reverse import (
     reverse_hypergradient,
     select_window,
 )
+from .reparam import substitute_parameters
 from .unrolled import unroll_steps, unrolled_hypergradient
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "math_attention",
     "reverse_hypergradient",
     "select_window",
+    "substitute_parameters",
     "unroll_steps",
     "unrolled_hypergradient",
 ]
