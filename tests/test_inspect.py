@@ -1,0 +1,246 @@
+"""Teacher inspection: noise AUC, the inspect command, and the in-training noise_auc metric."""
+import math
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fairseq_reweight  # noqa: F401  (registers the components)
+from conftest import REPO, binarize, write_parallel_corpus
+from fairseq_helpers import REWEIGHT, TINY_TRANSFORMER, inner_stats, run_train
+from fairseq_reweight import inspect as inspect_cmd
+from fairseq_reweight.errors import ReweightConfigError
+from fairseq_reweight.noise_auc import (
+    NoiseAucMonitor, noise_summary, read_noise_sidecar, roc_auc_low_weight_noisy, select_sentences,
+)
+
+TRAIN = TINY_TRANSFORMER + REWEIGHT + [
+    "--lr", "0.05", "--momentum", "0.9", "--label-smoothing", "0.1", "--clip-norm", "1.0",
+    "--reweight-interval", "3", "--reweight-backprop-steps", "2", "--teacher-lr", "0.05",
+    "--no-epoch-checkpoints", "--meta-valid-max-tokens", "300", "--max-update", "7",
+]
+N_TRAIN = 300
+
+
+# -- the scores, by hand ------------------------------------------------------------------------------
+def test_auc_of_hand_made_cases():
+    assert roc_auc_low_weight_noisy([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0]) == 1.0
+    assert roc_auc_low_weight_noisy([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 0.0
+    assert roc_auc_low_weight_noisy([0.5, 0.5, 0.5, 0.5], [1, 1, 0, 0]) == 0.5  # ties count half
+    # noisy {0.1, 0.6} vs clean {0.5, 0.7}: pairs with noisy < clean: (0.1,0.5) (0.1,0.7) (0.6,0.7) = 3 of 4
+    assert roc_auc_low_weight_noisy([0.1, 0.5, 0.6, 0.7], [1, 0, 1, 0]) == 0.75
+    # noisy {0.5} vs clean {0.5, 0.7}: one tie (1/2) and one win (1) = 1.5 of 2
+    assert roc_auc_low_weight_noisy([0.5, 0.5, 0.7], [1, 0, 0]) == 0.75
+    assert math.isnan(roc_auc_low_weight_noisy([0.1, 0.2], [0, 0]))
+    summary = noise_summary([0.1, 0.5, 0.6, 0.7], [1, 0, 1, 0])
+    assert (summary.auc, summary.num_noisy, summary.num_clean) == (0.75, 2, 2)
+    assert summary.mean_weight_noisy == pytest.approx(0.35, abs=1e-12)
+    assert summary.mean_weight_clean == pytest.approx(0.6, abs=1e-12)
+    assert "0.7500" in summary.table()
+
+
+def test_noise_sidecar_is_checked(tmp_path):
+    path = tmp_path / "train.noise"
+    path.write_text("0\n1\n1\n")
+    assert read_noise_sidecar(str(path), 3).tolist() == [0, 1, 1]
+    with pytest.raises(ReweightConfigError, match="has 3 lines but the split has 4 sentences"):
+        read_noise_sidecar(str(path), 4)
+    path.write_text("0\n2\n")
+    with pytest.raises(ReweightConfigError, match="line 2 is '2'"):
+        read_noise_sidecar(str(path))
+    with pytest.raises(ReweightConfigError, match="not found"):
+        read_noise_sidecar(str(tmp_path / "missing.noise"))
+
+
+def test_subset_selection_is_seeded_and_balanced():
+    noisy = np.zeros(100, dtype=np.int8)
+    noisy[:10] = 1
+    chosen = select_sentences(100, 16, seed=4, noisy=noisy)
+    assert len(set(chosen.tolist())) == 16 and noisy[chosen].sum() == 8
+    assert select_sentences(100, 16, seed=4, noisy=noisy).tolist() == chosen.tolist()
+    # only 10 noisy: 10 of them and 20 clean
+    assert noisy[select_sentences(100, 30, seed=4, noisy=noisy)].sum() == 10
+    assert select_sentences(5, None, seed=0).tolist() == [0, 1, 2, 3, 4]
+
+
+# -- a tiny noisy corpus and checkpoints --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def noisy_bin(tmp_path_factory):
+    """The conftest corpus with the targets of a quarter of the training pairs replaced by random
+    words of the target vocabulary (noisy = 1 in train.noise)."""
+    root = tmp_path_factory.mktemp("noisy")
+    text = write_parallel_corpus(str(root / "text"), n_train=N_TRAIN)
+    rng = random.Random(7)
+    with open(os.path.join(text, "train.en")) as f:
+        targets = f.read().splitlines()
+    vocabulary = sorted({word for line in targets for word in line.split()})
+    noisy = [int(rng.random() < 0.25) for _ in targets]
+    targets = [" ".join(rng.choice(vocabulary) for _ in line.split()) if bad else line for line, bad in zip(targets, noisy)]
+    with open(os.path.join(text, "train.en"), "w") as f:
+        f.write("\n".join(targets) + "\n")
+    data_bin = binarize(text, str(root / "bin"))
+    with open(os.path.join(data_bin, "train.noise"), "w") as f:
+        f.write("".join(f"{bad}\n" for bad in noisy))
+    return data_bin
+
+
+@pytest.fixture(scope="module")
+def trained(noisy_bin, tmp_path_factory):
+    """The same run twice: with --reweight-noise-sidecar (AUC at every meta-update) and without."""
+    root = tmp_path_factory.mktemp("runs")
+    sidecar = os.path.join(noisy_bin, "train.noise")
+    logs = {
+        "with": run_train(noisy_bin, str(root / "with"), TRAIN + [
+            "--reweight-noise-sidecar", sidecar, "--reweight-noise-auc-interval", "1"]),
+        "without": run_train(noisy_bin, str(root / "without"), TRAIN),
+    }
+    return {"logs": logs, "with": str(root / "with" / "checkpoint_last.pt"),
+            "without": str(root / "without" / "checkpoint_last.pt")}
+
+
+def _read_tsv(path):
+    with open(path, encoding="utf-8") as f:
+        header, *rows = [line.rstrip("\n").split("\t") for line in f]
+    return header, rows
+
+
+def test_training_logs_noise_auc_and_is_unchanged_by_it(trained):
+    stats = inner_stats(trained["logs"]["with"])
+    assert len(stats) == 7
+    assert all("noise_auc" not in s for s in stats[:3])  # before the first meta-update (at update 3)
+    with_auc = [s for s in stats if "noise_auc" in s]
+    assert len(with_auc) == 4  # updates 4..7, shown in every line after the meta-update
+    for s in with_auc:
+        assert 0.0 <= float(s["noise_auc"]) <= 1.0
+        assert 0.0 < float(s["noise_w_noisy"]) < 1.0 and 0.0 < float(s["noise_w_clean"]) < 1.0
+    assert float(with_auc[0]["noise_auc"]) != float(with_auc[-1]["noise_auc"])  # re-evaluated at update 6
+    plain = inner_stats(trained["logs"]["without"])
+    assert [s["loss"] for s in stats] == [s["loss"] for s in plain]
+    a, b = torch.load(trained["with"]), torch.load(trained["without"])
+    for part in ("model", "criterion"):
+        tensors = {k: v for k, v in a[part].items() if torch.is_tensor(v)}
+        assert tensors.keys() == {k for k, v in b[part].items() if torch.is_tensor(v)}
+        for key, value in tensors.items():
+            assert torch.equal(value, b[part][key]), key
+
+
+def test_inspect_writes_tables_plots_and_the_auc(trained, noisy_bin, tmp_path, capsys):
+    out = tmp_path / "out"
+    result = inspect_cmd.main([noisy_bin, "--path", trained["with"], "--out", str(out), "--cpu"])
+    printed = capsys.readouterr().out
+    assert "ROC AUC of 'low weight => noisy'" in printed and str(out / "weights.tsv") in printed
+    noisy = read_noise_sidecar(os.path.join(noisy_bin, "train.noise"))
+
+    header, rows = _read_tsv(out / "weights.tsv")
+    assert header == ["id", "noisy", "n_tokens", "mean_weight", "mean_loss", "mean_nll", "src", "tgt"]
+    assert [int(r[0]) for r in rows] == list(range(N_TRAIN))
+    assert [int(r[1]) for r in rows] == noisy.tolist()
+    token_header, token_rows = _read_tsv(out / "tokens.tsv")
+    assert token_header == ["id", "position", "token", "weight", "loss", "nll"]
+    assert len(token_rows) == sum(int(r[2]) for r in rows) == result["num_tokens"]
+    first = rows[0]
+    assert len(first[7].split()) + 1 == int(first[2])  # target words + eos
+    tokens0 = [r for r in token_rows if r[0] == "0"]
+    assert [r[2] for r in tokens0] == first[7].split() + ["</s>"]
+    assert float(first[3]) == pytest.approx(np.mean([float(r[3]) for r in tokens0]), abs=2e-6)
+    for r in token_rows:  # raw weights are sigmoid outputs; NLLs are non-negative
+        assert 0.0 < float(r[3]) < 1.0 and float(r[5]) >= 0.0
+
+    weights = np.array([float(r[3]) for r in rows])
+    summary = result["summary"]
+    assert summary.auc == pytest.approx(roc_auc_low_weight_noisy(weights, noisy), abs=1e-4)
+    assert (summary.num_noisy, summary.num_clean) == (int(noisy.sum()), N_TRAIN - int(noisy.sum()))
+    assert (out / "summary.txt").read_text().count("ROC AUC") == 1
+
+    from matplotlib.image import imread
+    for name in inspect_cmd.PLOT_NAMES:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", name
+        image = imread(str(out / name))
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert image[..., :3].std() > 0.01  # something was drawn
+
+
+def test_weights_match_a_hand_computed_teacher_and_do_not_depend_on_batching(trained, noisy_bin, tmp_path):
+    loaded = inspect_cmd.load_teacher_checkpoint(trained["with"], noisy_bin, use_cuda=False)
+    teacher = loaded.driver.teacher
+    assert loaded.driver.features == ["encoder", "label"] and teacher.mlp is None
+    loaded.task.load_dataset("train")
+    dataset = loaded.task.dataset("train")
+    sample = dataset.collater([dataset[5]])
+    model = loaded.model
+    with torch.no_grad():
+        encoder_out = model.encoder(sample["net_input"]["src_tokens"], src_lengths=sample["net_input"]["src_lengths"])
+        pooled = encoder_out["encoder_out"][0][:, 0].mean(0)  # S x B x C, one sentence: no padding
+        features = F.layer_norm(pooled, pooled.shape)
+        target = sample["target"][0]
+        expected = torch.sigmoid(teacher.feature_proj(features) + teacher.label_embed(target).squeeze(-1) + teacher.bias)
+        net_output = model(**sample["net_input"])
+        nll = -model.get_normalized_probs(net_output, log_probs=True)[0].gather(-1, target[:, None]).squeeze(-1)
+
+    runs = {}
+    for max_tokens in ("4096", "40"):  # one batch with much padding / many small batches
+        out = tmp_path / max_tokens
+        inspect_cmd.main([noisy_bin, "--path", trained["with"], "--out", str(out), "--cpu",
+                              "--max-tokens", max_tokens, "--max-sentences", "60", "--seed", "3"])
+        runs[max_tokens] = _read_tsv(out / "tokens.tsv")[1]
+    assert [r[:3] for r in runs["4096"]] == [r[:3] for r in runs["40"]]
+    for column in (3, 4):
+        np.testing.assert_allclose([float(r[column]) for r in runs["4096"]], [float(r[column]) for r in runs["40"]], atol=2e-6)
+    assert len({r[0] for r in runs["4096"]}) == 60
+
+    inspect_cmd.main([noisy_bin, "--path", trained["with"], "--out", str(tmp_path / "all"), "--cpu",
+                          "--max-tokens", "4096"])
+    rows5 = [r for r in _read_tsv(tmp_path / "all" / "tokens.tsv")[1] if r[0] == "5"]
+    np.testing.assert_allclose([float(r[3]) for r in rows5], expected.numpy(), atol=1e-6)
+    np.testing.assert_allclose([float(r[5]) for r in rows5], nll.numpy(), atol=1e-5)
+
+
+def test_in_training_monitor_agrees_with_inspect(trained, noisy_bin, tmp_path):
+    loaded = inspect_cmd.load_teacher_checkpoint(trained["with"], noisy_bin, use_cuda=False)
+    loaded.task.load_dataset("train")
+    cfg = loaded.task.cfg
+    assert cfg.reweight_noise_sidecar.endswith("train.noise") and cfg.reweight_noise_auc_interval == 1
+    monitor = NoiseAucMonitor(cfg, loaded.task, loaded.model)
+    assert len(monitor.indices) == N_TRAIN  # fewer than MONITOR_MAX_SENTENCES: all of them
+    loaded.model.train()
+    rng = torch.get_rng_state()
+    stats, new = monitor.update(loaded.driver, loaded.model, loaded.criterion, num_meta_updates=2)
+    assert new and loaded.model.training and torch.equal(torch.get_rng_state(), rng)
+    result = inspect_cmd.main([noisy_bin, "--path", trained["with"], "--out", str(tmp_path), "--cpu"])
+    assert stats["noise_auc"] == pytest.approx(result["summary"].auc, abs=1e-12)
+    assert stats["noise_w_noisy"] == pytest.approx(result["summary"].mean_weight_noisy, abs=1e-9)
+
+
+def test_command_line_error_is_one_line(noisy_bin, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fairseq_reweight.inspect", noisy_bin, "--path", str(tmp_path / "missing.pt")],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"fairseq-reweight: error: checkpoint '{tmp_path / 'missing.pt'}' not found: give --path a checkpoint_*.pt "
+        "written by fairseq-train"
+    )
+    assert "Traceback" not in proc.stderr
+
+
+def test_clear_errors(trained, noisy_bin, tmp_path):
+    with pytest.raises(ReweightConfigError, match="checkpoint .*missing.pt' not found"):
+        inspect_cmd.main([noisy_bin, "--path", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")])
+    short = tmp_path / "short.noise"
+    short.write_text("0\n1\n")
+    with pytest.raises(ReweightConfigError, match=f"has 2 lines but the split has {N_TRAIN} sentences"):
+        inspect_cmd.main([noisy_bin, "--path", trained["with"], "--noise-sidecar", str(short), "--cpu",
+                              "--out", str(tmp_path / "o")])
+    run_train(noisy_bin, str(tmp_path / "none"), TRAIN[:-2] + ["--max-update", "1", "--reweight-teacher", "none"])
+    with pytest.raises(ReweightConfigError, match="has no teacher .*--reweight-teacher none"):
+        inspect_cmd.main([noisy_bin, "--path", str(tmp_path / "none" / "checkpoint_last.pt"), "--cpu",
+                              "--out", str(tmp_path / "o")])
+    with pytest.raises(ReweightConfigError, match=f"has 2 lines but the split has {N_TRAIN}"):  # at meta-update 1
+        run_train(noisy_bin, str(tmp_path / "bad"), TRAIN[:-2] + ["--max-update", "4", "--reweight-noise-sidecar", str(short)])
