@@ -27,7 +27,7 @@ setup(
         "matplotlib",
         "scikit-learn",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-xdist"]},
+    extras_require={"test": ["pytest>=7"]},
     entry_points={
         "console_scripts": [
             "fairseq-reweight-gradcheck = fairseq_reweight.gradcheck:cli_main",

@@ -28,7 +28,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 if [ requirements.txt -nt "$VENV/.requirements-installed" ]; then
   log "installing requirements.txt (fairseq's runtime needs and this package's)"
-  pipq -r requirements.txt "pytest>=7" pytest-xdist
+  pipq -r requirements.txt "pytest>=7"
   touch "$VENV/.requirements-installed"
 fi
 if ! "$py" -c "import fairseq" 2>/dev/null; then

@@ -1,0 +1,242 @@
+#!/usr/bin/env python
+"""Pretrain -> uniform / surface-teacher / deep-teacher fine-tunes -> BLEU table (the paper's Table 7).
+
+For each data condition (a fairseq data-bin made by data_prep/, e.g. ``clean`` and ``noisy``):
+  1. pretrain a Transformer with Adam (lr 5e-4, inverse_sqrt, label smoothing 0.1) on that data;
+  2. from its best checkpoint, fine-tune with momentum SGD (lr 1e-3, momentum 0.9) three ways:
+     ``baseline`` (--reweight-teacher none), ``surface`` (surface-feature teacher), ``deep`` (the
+     deep-interaction teacher), for the same number of updates and each seed;
+  3. translate the test set with ``fairseq-generate --beam 5`` and score it with sacrebleu:
+     tokenized lower-case BLEU (comparable to the paper's multi-bleu numbers) and detokenized
+     sacreBLEU (with its signature);
+  4. write OUT/results.md and OUT/results.csv.
+
+Every step runs fairseq's own command-line programs (printed before they run, logged under
+OUT/logs/), and is skipped when its output already exists, so an interrupted run picks up where it
+stopped. ``--train-args`` passes flags to every fairseq-train call (e.g. ``--fp16``, or
+``--distributed-world-size 4`` for multi-GPU through fairseq's own distributed training).
+
+    python examples/run_experiment.py --data clean=DIR/clean/data-bin --data noisy=DIR/noisy/data-bin \\
+        --preset iwslt14 --seeds 1 2 3 --out runs/iwslt14
+"""
+import argparse
+import csv
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_TINY_MODEL = (
+    "--arch transformer --encoder-layers 2 --decoder-layers 2 --encoder-embed-dim 64 "
+    "--decoder-embed-dim 64 --encoder-ffn-embed-dim 128 --decoder-ffn-embed-dim 128 "
+    "--encoder-attention-heads 4 --decoder-attention-heads 4 --share-all-embeddings"
+)
+PRESETS = {
+    # what the README's demo runs on 2 CPU cores
+    "tiny-cpu": dict(
+        model=_TINY_MODEL + " --dropout 0.1",
+        max_tokens=2048, pretrain_updates=400, warmup=100, finetune_updates=150,
+        interval=20, backprop=2, teacher_lr=1e-3, beam=5, device="--cpu",
+    ),
+    # the smallest thing that exercises every step (tests)
+    "micro": dict(
+        model=_TINY_MODEL.replace("64", "16").replace("128", "32").replace("heads 4", "heads 2")
+        + " --encoder-layers 1 --decoder-layers 1 --dropout 0.1",
+        max_tokens=1024, pretrain_updates=20, warmup=5, finetune_updates=6,
+        interval=3, backprop=2, teacher_lr=1e-3, beam=2, device="--cpu",
+    ),
+    # the paper's IWSLT14 De->En setup (one GPU, 4096 tokens per update)
+    "iwslt14": dict(
+        model="--arch transformer_iwslt_de_en --share-decoder-input-output-embed --dropout 0.3",
+        max_tokens=4096, pretrain_updates=60000, warmup=4000, finetune_updates=5000,
+        interval=20, backprop=2, teacher_lr=1e-3, beam=5, device="",
+    ),
+}
+METHODS = {
+    "baseline": "--reweight-teacher none",
+    "surface": "--reweight-teacher surface",
+    "deep": "--reweight-teacher deep",
+}
+USER_DIR = Path(__file__).resolve().parent.parent / "fairseq_reweight"
+
+
+def log(message):
+    print(f"[experiment] {message}", flush=True)
+
+
+def fairseq_bin(name):
+    """The fairseq program installed beside this Python (the project's virtual environment), or
+    the same program as ``python -m fairseq_cli.<name>`` where no script was installed."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return [str(local)]
+    return [sys.executable, "-m", "fairseq_cli." + name.split("-", 1)[1]]
+
+
+def run(cmd, log_file):
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log("$ " + " ".join(shlex.quote(c) for c in cmd))
+    start = time.time()
+    with open(log_file, "w") as fh:
+        result = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        tail = Path(log_file).read_text().splitlines()[-15:]
+        sys.exit("\n".join(tail) + f"\n[experiment] error: command failed (exit {result.returncode}); full log: {log_file}")
+    log(f"  done in {time.time() - start:.0f}s (log: {log_file})")
+
+
+def pretrain(data, out, preset, seed, train_args):
+    ckpt = out / "checkpoint_best.pt"
+    if ckpt.exists():
+        log(f"pretrained model found: {ckpt}")
+        return ckpt
+    p = preset
+    cmd = fairseq_bin("fairseq-train") + [str(data), "--task", "translation",
+           "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+           "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "5e-4",
+           "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(p["warmup"]), "--weight-decay", "0.0001",
+           "--max-tokens", str(p["max_tokens"]), "--max-update", str(p["pretrain_updates"]),
+           "--seed", str(seed), "--save-dir", str(out), "--no-epoch-checkpoints", "--log-format", "simple",
+           "--log-interval", "50"] + shlex.split(p["model"]) + shlex.split(p["device"]) + train_args
+    run(cmd, out.parent / "logs" / f"{out.name}.log")
+    return ckpt
+
+
+def finetune(data, pretrained, out, preset, method, seed, train_args):
+    ckpt = out / "checkpoint_last.pt"
+    if ckpt.exists():
+        log(f"fine-tuned model found: {ckpt}")
+        return ckpt
+    p = preset
+    cmd = fairseq_bin("fairseq-train") + [str(data), "--user-dir", str(USER_DIR),
+           "--task", "reweight_translation", "--criterion", "reweighted_cross_entropy",
+           "--label-smoothing", "0.1", "--optimizer", "reweight_sgd", "--lr", "1e-3", "--momentum", "0.9",
+           "--lr-scheduler", "fixed", "--max-tokens", str(p["max_tokens"]),
+           "--max-update", str(p["finetune_updates"]), "--seed", str(seed),
+           "--restore-file", str(pretrained), "--reset-optimizer", "--reset-lr-scheduler",
+           "--reset-meters", "--reset-dataloader",
+           "--reweight-interval", str(p["interval"]), "--reweight-backprop-steps", str(p["backprop"]),
+           "--teacher-lr", str(p["teacher_lr"]), "--save-dir", str(out), "--no-epoch-checkpoints",
+           "--log-format", "simple", "--log-interval", "20"]
+    cmd += shlex.split(METHODS[method]) + shlex.split(p["model"]) + shlex.split(p["device"]) + train_args
+    run(cmd, out.parent / "logs" / f"{out.name}.log")
+    return ckpt
+
+
+def remove_subword_flag(data):
+    """``--remove-bpe`` argument matching the data-bin's subword model (see data_prep/)."""
+    return "sentencepiece" if (Path(data).parent / "subword" / "spm.model").exists() else "subword_nmt"
+
+
+def translate(data, ckpt, out_dir, preset):
+    """Tokenized, lower-cased hypotheses and references of the test set, in corpus order."""
+    hyp_file = out_dir / "generate-test.txt"
+    if not hyp_file.exists():
+        cmd = fairseq_bin("fairseq-generate") + [str(data), "--user-dir", str(USER_DIR),
+               "--task", "reweight_translation", "--path", str(ckpt), "--gen-subset", "test",
+               "--beam", str(preset["beam"]), "--max-tokens", str(preset["max_tokens"]),
+               "--required-batch-size-multiple", "1",  # else fairseq drops a ragged last batch
+               "--remove-bpe", remove_subword_flag(data), "--results-path", str(out_dir)]
+        cmd += shlex.split(preset["device"])
+        run(cmd, out_dir / "generate.log")
+    hyps, refs = {}, {}
+    for line in hyp_file.read_text(encoding="utf-8").splitlines():
+        tag, _, rest = line.partition("-")
+        if tag in ("H", "T"):
+            fields = rest.split("\t")
+            idx = int(fields[0])
+            (hyps if tag == "H" else refs)[idx] = fields[-1]
+    order = sorted(refs)
+    return [hyps.get(i, "") for i in order], [refs[i] for i in order]
+
+
+def score(hyps, refs):
+    import sacrebleu
+    from sacremoses import MosesDetokenizer
+
+    tok_bleu = sacrebleu.corpus_bleu(hyps, [refs], tokenize="none", force=True)
+    detok = MosesDetokenizer(lang="en")
+    d_hyps = [detok.detokenize(h.split()) for h in hyps]
+    d_refs = [detok.detokenize(r.split()) for r in refs]
+    metric = sacrebleu.metrics.BLEU(lowercase=True)
+    detok_bleu = metric.corpus_score(d_hyps, [d_refs])
+    return tok_bleu.score, detok_bleu.score, str(metric.get_signature())
+
+
+def write_tables(rows, out, conditions, seeds):
+    with open(out / "results.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["data", "method", "seed", "tokenized_bleu", "sacrebleu", "signature"])
+        writer.writerows(rows)
+    lines = ["| method | " + " | ".join(conditions) + " |", "|---|" + "---|" * len(conditions)]
+    for method in METHODS:
+        cells = []
+        for cond in conditions:
+            vals = [r[3] for r in rows if r[0] == cond and r[1] == method]
+            if not vals:
+                cells.append("-")
+            elif len(vals) == 1:
+                cells.append(f"{vals[0]:.2f}")
+            else:
+                cells.append(f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    signature = rows[0][5] if rows else ""
+    text = "\n".join(lines) + (
+        f"\n\nTokenized lower-case BLEU on the test set (beam {{beam}}), mean ± std over seeds "
+        f"{' '.join(map(str, seeds))} ({len(seeds)} run(s) each). Detokenized sacreBLEU per run in "
+        f"results.csv ({signature}).\n"
+    )
+    return text
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", action="append", required=True, metavar="NAME=DATA_BIN",
+                        help="a data condition: its name and fairseq data-bin (repeatable)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny-cpu")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1])
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--train-args", default="", help="extra flags for every fairseq-train call")
+    parser.add_argument("--pretrain-args", default="", help="extra flags for the pretraining calls only (e.g. --fp16)")
+    parser.add_argument("--finetune-updates", type=int, help="override the preset's fine-tuning updates")
+    parser.add_argument("--pretrain-updates", type=int, help="override the preset's pretraining updates")
+    args = parser.parse_args(argv)
+    preset = dict(PRESETS[args.preset])
+    for key in ("finetune_updates", "pretrain_updates"):
+        if getattr(args, key):
+            preset[key] = getattr(args, key)
+    conditions = {}
+    for spec in args.data:
+        name, sep, path = spec.partition("=")
+        if not sep or not Path(path).is_dir():
+            parser.error(f"--data {spec!r}: expected NAME=DATA_BIN with an existing directory")
+        if not list(Path(path).glob("test.*.idx")):
+            parser.error(f"--data {spec!r}: {path} has no binarized test split (test.*.idx)")
+        conditions[name] = Path(path)
+    train_args = shlex.split(args.train_args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    started = time.time()
+    for cond, data in conditions.items():
+        for seed in args.seeds:
+            pre = pretrain(data, args.out / f"{cond}-pretrain-seed{seed}", preset, seed,
+                           train_args + shlex.split(args.pretrain_args))
+            for method in args.methods:
+                name = f"{cond}-{method}-seed{seed}"
+                ckpt = finetune(data, pre, args.out / name, preset, method, seed, train_args)
+                hyps, refs = translate(data, ckpt, args.out / name / "test", preset)
+                tok_bleu, sacre, signature = score(hyps, refs)
+                log(f"{name}: tokenized BLEU {tok_bleu:.2f}, sacreBLEU {sacre:.2f}")
+                rows.append([cond, method, seed, round(tok_bleu, 2), round(sacre, 2), signature])
+    table = write_tables(rows, args.out, list(conditions), args.seeds).replace("{beam}", str(preset["beam"]))
+    (args.out / "results.md").write_text(table)
+    print("\n" + table)
+    log(f"wrote {args.out / 'results.md'} and results.csv in {time.time() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
