@@ -24,13 +24,8 @@ import random
 import sys
 import tarfile
 
-TEST_SETS = (
-    "IWSLT14.TED.dev2010.de-en",
-    "IWSLT14.TEDX.dev2012.de-en",
-    "IWSLT14.TED.tst2010.de-en",
-    "IWSLT14.TED.tst2011.de-en",
-    "IWSLT14.TED.tst2012.de-en",
-)
+from iwslt14_extract import TEST_SETS  # the five sets prepare_iwslt14.sh reads, in its order
+
 _LANG_NAMES = {"de": "german", "en": "english"}
 
 

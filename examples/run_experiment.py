@@ -21,7 +21,6 @@ stopped. ``--train-args`` passes flags to every fairseq-train call (e.g. ``--fp1
 """
 import argparse
 import csv
-import os
 import shlex
 import statistics
 import subprocess

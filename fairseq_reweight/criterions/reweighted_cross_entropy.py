@@ -11,7 +11,6 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-import torch
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,

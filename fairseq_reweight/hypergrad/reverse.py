@@ -114,6 +114,18 @@ def validate_tensor_list(tensors, like: List[Tensor], name: str, none_is_zero: b
     return out
 
 
+def validate_teacher_params(teacher_params: List[Tensor]) -> None:
+    """omega must be a non-empty list of tensors that require grad."""
+    if not teacher_params:
+        raise ValueError("teacher_params is empty: pass the teacher's parameters (omega)")
+    for index, weight in enumerate(teacher_params):
+        if not weight.requires_grad:
+            raise ValueError(
+                f"teacher_params[{index}] does not require grad: pass leaf tensors with "
+                "requires_grad=True (the teacher's parameters)"
+            )
+
+
 def validate_steps(steps: List[StepRecord], params: List[Tensor], mode: str) -> None:
     """Check the step records; raise a ValueError naming the first bad one.
 
@@ -371,14 +383,7 @@ def reverse_hypergradient(
     teacher_params = list(teacher_params)
     steps = list(steps)
     validate_steps(steps, params, mode)
-    if not teacher_params:
-        raise ValueError("teacher_params is empty: pass the teacher's parameters (omega)")
-    for index, weight in enumerate(teacher_params):
-        if not weight.requires_grad:
-            raise ValueError(
-                f"teacher_params[{index}] does not require grad: pass leaf tensors with "
-                "requires_grad=True (the teacher's parameters)"
-            )
+    validate_teacher_params(teacher_params)
     theta_bar = validate_tensor_list(val_grad, params, "val_grad", none_is_zero=True)
     if not bool(torch.stack([torch.isfinite(g).all() for g in theta_bar]).all()):
         raise ValueError("val_grad has non-finite entries: the validation loss diverged at theta_K")

@@ -18,6 +18,7 @@ from .reverse import (
     iter_loss_chunks,
     math_attention,
     validate_steps,
+    validate_teacher_params,
     validate_tensor_list,
 )
 
@@ -119,14 +120,7 @@ def unrolled_hypergradient(
         one gradient tensor per teacher parameter (zeros where it has no influence).
     """
     teacher_params = list(teacher_params)
-    if not teacher_params:
-        raise ValueError("teacher_params is empty: pass the teacher's parameters (omega)")
-    for index, weight in enumerate(teacher_params):
-        if not weight.requires_grad:
-            raise ValueError(
-                f"teacher_params[{index}] does not require grad: pass leaf tensors with "
-                "requires_grad=True"
-            )
+    validate_teacher_params(teacher_params)
     attention = math_attention() if math_sdpa else contextlib.nullcontext()
     with attention, torch.enable_grad():
         final_params, _ = unroll_steps(
