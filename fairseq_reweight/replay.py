@@ -26,7 +26,6 @@ class ReplayData:
     micro_batches: List[Any] = field(default_factory=list)  # (sample, ignore_grad) in trainer order
 
 
-
 class Replay:
     """The student's losses as functions of its parameters, for one meta-update
     (``ReweightDriver.replaying`` builds it)."""
@@ -48,6 +47,7 @@ class Replay:
         return self._loss(sample, params) / float(sample_size(sample, self.criterion))
 
     def validation_gradient(self, sample):
+        """(validation loss, its gradient) at the student's current parameters theta_K."""
         leaves = [t.detach().requires_grad_() for t in self.student.theta()]
         loss = self.validation_loss(sample, leaves)
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
