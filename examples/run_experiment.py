@@ -14,7 +14,9 @@ For each data condition (a fairseq data-bin made by data_prep/, e.g. ``clean`` a
 Every step runs fairseq's own command-line programs (printed before they run, logged under
 OUT/logs/), and is skipped when its output already exists, so an interrupted run picks up where it
 stopped. ``--train-args`` passes flags to every fairseq-train call (e.g. ``--fp16``, or
-``--distributed-world-size 4`` for multi-GPU through fairseq's own distributed training).
+``--distributed-world-size 4`` for multi-GPU through fairseq's own distributed training);
+``--pretrain-args`` and ``--finetune-args`` only to the pretraining or the fine-tuning calls (teacher
+options such as ``--teacher-hidden-layers 1`` belong to the latter).
 
     python examples/run_experiment.py --data clean=DIR/clean/data-bin --data noisy=DIR/noisy/data-bin \\
         --preset iwslt14 --seeds 1 2 3 --out runs/iwslt14
@@ -201,6 +203,8 @@ def main(argv=None):
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--train-args", default="", help="extra flags for every fairseq-train call")
     parser.add_argument("--pretrain-args", default="", help="extra flags for the pretraining calls only (e.g. --fp16)")
+    parser.add_argument("--finetune-args", default="",
+                        help="extra flags for the fine-tuning calls only (e.g. --teacher-hidden-layers 1)")
     parser.add_argument("--finetune-updates", type=int, help="override the preset's fine-tuning updates")
     parser.add_argument("--pretrain-updates", type=int, help="override the preset's pretraining updates")
     args = parser.parse_args(argv)
@@ -226,7 +230,8 @@ def main(argv=None):
                            train_args + shlex.split(args.pretrain_args))
             for method in args.methods:
                 name = f"{cond}-{method}-seed{seed}"
-                ckpt = finetune(data, pre, args.out / name, preset, method, seed, train_args)
+                ckpt = finetune(data, pre, args.out / name, preset, method, seed,
+                                train_args + shlex.split(args.finetune_args))
                 hyps, refs = translate(data, ckpt, args.out / name / "test", preset)
                 tok_bleu, sacre, signature = score(hyps, refs)
                 log(f"{name}: tokenized BLEU {tok_bleu:.2f}, sacreBLEU {sacre:.2f}")
