@@ -167,7 +167,8 @@ def score(hyps, refs):
     return tok_bleu.score, detok_bleu.score, str(metric.get_signature())
 
 
-def write_tables(rows, out, conditions, seeds):
+def write_tables(rows, out, conditions, seeds, beam):
+    """Write OUT/results.csv (every run) and OUT/results.md (the table); return the table's text."""
     with open(out / "results.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["data", "method", "seed", "tokenized_bleu", "sacrebleu", "signature"])
@@ -186,10 +187,11 @@ def write_tables(rows, out, conditions, seeds):
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     signature = rows[0][5] if rows else ""
     text = "\n".join(lines) + (
-        f"\n\nTokenized lower-case BLEU on the test set (beam {{beam}}), mean ± std over seeds "
+        f"\n\nTokenized lower-case BLEU on the test set (beam {beam}), mean ± std over seeds "
         f"{' '.join(map(str, seeds))} ({len(seeds)} run(s) each). Detokenized sacreBLEU per run in "
         f"results.csv ({signature}).\n"
     )
+    (out / "results.md").write_text(text)
     return text
 
 
@@ -236,8 +238,7 @@ def main(argv=None):
                 tok_bleu, sacre, signature = score(hyps, refs)
                 log(f"{name}: tokenized BLEU {tok_bleu:.2f}, sacreBLEU {sacre:.2f}")
                 rows.append([cond, method, seed, round(tok_bleu, 2), round(sacre, 2), signature])
-    table = write_tables(rows, args.out, list(conditions), args.seeds).replace("{beam}", str(preset["beam"]))
-    (args.out / "results.md").write_text(table)
+    table = write_tables(rows, args.out, list(conditions), args.seeds, preset["beam"])
     print("\n" + table)
     log(f"wrote {args.out / 'results.md'} and results.csv in {time.time() - started:.0f}s")
 

@@ -102,7 +102,7 @@ class ReweightTranslationTask(TranslationTask):
 
     @classmethod
     def setup_task(cls, cfg: ReweightTranslationConfig, **kwargs):
-        for path in (cfg.data or "").split(os.pathsep) or [""]:
+        for path in (cfg.data or "").split(os.pathsep):
             if not os.path.isdir(path):
                 raise ReweightConfigError(
                     f"data directory {path!r} not found: give a fairseq-preprocess output directory "
