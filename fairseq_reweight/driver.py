@@ -284,7 +284,7 @@ class ReweightDriver(nn.Module):
             result = reverse_hypergradient(
                 replay.student.theta(), replay.student.momentum(), replay.omega,
                 [replay.student.convert_record(s) for s in steps], replay.loss_fn, val_grad,
-                mode=self.cfg.reweight_history, all_reduce=all_reduce_fn(),
+                mode=self.cfg.reweight_history, all_reduce=all_reduce_fn(), teacher_grad_only=True,
             )
         for p, g in zip(self.teacher.parameters(), result.teacher_grad):
             p.grad = g.to(p.dtype)

@@ -138,6 +138,16 @@ def check_against_unrolled(problem, optimizer, modes=("reverse", "checkpoint"), 
             error = relative_error(result.teacher_grad, expected)
             assert error <= TOLERANCE, (num_steps, mode, error)
             results[num_steps, mode] = result
+            # the oldest step by forward-mode AD instead of a double backward
+            fast = reverse_hypergradient(
+                theta_k, v_k, teacher_params, window, problem.loss_fn, val_grad, mode=mode,
+                teacher_grad_only=True,
+            )
+            error = relative_error(fast.teacher_grad, expected)
+            assert error <= TOLERANCE, (num_steps, mode, "teacher_grad_only", error)
+            assert fast.param_grad == [] and fast.start_params == []
+            assert fast.clip_factors == result.clip_factors
+            assert fast.grad_norms[1:] == result.grad_norms[1:]
     assert all(w.grad is None for w in teacher_params)
     return results
 

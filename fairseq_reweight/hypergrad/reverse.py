@@ -290,7 +290,48 @@ def _replay_step(step, theta, teacher_params, loss_fn, v_tilde, all_reduce, step
     if all_reduce is not None:
         all_reduce(grad_sum)
     norm = _global_norm(grad_sum)
-    scale, slope = clip_factor(norm, step.clip_norm)
+    scale = clip_factor(norm, step.clip_norm)[0]
+    accumulate_hvp(_clip_direction(grad_sum, norm, step.clip_norm, v_tilde), first_pass=False)
+    if all_reduce is not None:
+        all_reduce(hvp_theta)
+    return grad_sum, norm, scale, hvp_theta, hvp_omega
+
+
+def _teacher_step(step, theta, teacher_params, loss_fn, v_tilde, all_reduce, step_index):
+    """Only ``d(g_t . v~)/d omega`` of one step (the oldest, when theta's adjoint is not wanted).
+
+    ``G . v~`` is the directional derivative of the step's loss along v~, so one forward pass with
+    dual numbers (forward-mode AD: theta + eps v~) gives it as a function of omega, and a reverse
+    pass through the teacher alone gives its gradient: no double backward through the student.
+    Clipped steps use the direction ``u`` of :func:`_replay_step` (which needs G first, one
+    gradient-only pass). Returns (||G|| or nan when not computed, s, domega).
+    """
+    from torch.autograd import forward_ad
+
+    norm, scale, direction = math.nan, 1.0, v_tilde
+    if step.clip_norm > 0:
+        grad_sum = [torch.zeros_like(p) for p in theta]
+        for chunk in iter_loss_chunks(loss_fn(step, theta), step_index):
+            _add_into(grad_sum, _chunk_gradient(chunk, theta, create_graph=False) or ())
+        if all_reduce is not None:
+            all_reduce(grad_sum)
+        norm = _global_norm(grad_sum)
+        direction = _clip_direction(grad_sum, norm, step.clip_norm, v_tilde)
+        scale = clip_factor(norm, step.clip_norm)[0]
+    domega = [torch.zeros_like(w) for w in teacher_params]
+    with forward_ad.dual_level():
+        duals = [forward_ad.make_dual(t.detach(), d) for t, d in zip(theta, direction)]
+        for chunk in iter_loss_chunks(loss_fn(step, duals), step_index):
+            tangent = forward_ad.unpack_dual(chunk).tangent
+            if tangent is None or not tangent.requires_grad:
+                continue  # the chunk does not depend on theta, or its slope not on omega
+            _add_into(domega, torch.autograd.grad(tangent, teacher_params, allow_unused=True))
+    return norm, scale, domega
+
+
+def _clip_direction(grad_sum, norm, clip_norm, v_tilde):
+    """``u = s v~ + (G . v~) s'(n) / n G``: ``d(s(||G||) G . v~) = J_G^T u`` (see _replay_step)."""
+    scale, slope = clip_factor(norm, clip_norm)
     with torch.no_grad():
         u = [scale * v for v in v_tilde]
         if slope != 0.0 and norm > 0.0:
@@ -298,10 +339,7 @@ def _replay_step(step, theta, teacher_params, loss_fn, v_tilde, all_reduce, step
             coef = g_dot_v * slope / norm
             for u_i, g in zip(u, grad_sum):
                 u_i.add_(g, alpha=coef)
-    accumulate_hvp(u, first_pass=False)
-    if all_reduce is not None:
-        all_reduce(hvp_theta)
-    return grad_sum, norm, scale, hvp_theta, hvp_omega
+    return u
 
 
 def _global_norm(tensors: List[Tensor]) -> float:
@@ -321,6 +359,7 @@ def reverse_hypergradient(
     mode: str = "reverse",
     all_reduce: Optional[AllReduce] = None,
     math_sdpa: bool = True,
+    teacher_grad_only: bool = False,
 ) -> HypergradResult:
     """Gradient of a validation loss at theta_K with respect to the teacher, through the last steps.
 
@@ -369,6 +408,15 @@ def reverse_hypergradient(
             end; every worker must call this function with the same steps.
         math_sdpa: run the replay under :func:`math_attention` (flash and memory-efficient
             attention have no double backward).
+        teacher_grad_only: the caller wants ``teacher_grad`` alone (a teacher update). The oldest
+            step then needs no theta-adjoint, and its omega-part ``d(g_t . v~)/d omega`` is
+            computed by forward-mode AD (the step's loss at dual parameters theta + eps v~; its
+            slope is ``G . v~``, differentiated back to omega through the teacher alone) instead
+            of a double backward through the student: one of the B replays costs about a forward
+            pass instead of a double backward. ``loss_fn`` must then also accept dual tensors
+            (``torch.autograd.forward_ad``; fairseq's Transformer does). ``param_grad``,
+            ``momentum_grad`` and ``start_params`` come back empty, ``start_momentum_buffers``
+            None, and ``grad_norms`` holds nan for the oldest step unless it was clipped.
 
     Returns:
         a :class:`HypergradResult`.
@@ -414,6 +462,16 @@ def reverse_hypergradient(
                     for theta_i, stored in zip(theta, step.params):
                         theta_i.copy_(stored)
                 v_tilde = [vb - step.lr * tb for vb, tb in zip(v_bar, theta_bar)]
+            if teacher_grad_only and index == 0:
+                norm, scale, hvp_omega = _teacher_step(
+                    step, theta, teacher_params, loss_fn, v_tilde, all_reduce, index
+                )
+                grad_norms.append(norm)
+                clip_factors.append(scale)
+                with torch.no_grad():
+                    for ob, h in zip(omega_bar, hvp_omega):
+                        ob.add_(h)
+                break
             grad, norm, scale, hvp_theta, hvp_omega = _replay_step(
                 step, theta, teacher_params, loss_fn, v_tilde, all_reduce, index
             )
@@ -438,14 +496,17 @@ def reverse_hypergradient(
 
     if all_reduce is not None:
         all_reduce(omega_bar)
+    grad_norms.reverse()
+    clip_factors.reverse()
+    if teacher_grad_only:
+        return HypergradResult(teacher_grad=omega_bar, param_grad=[], grad_norms=grad_norms,
+                               clip_factors=clip_factors, val_grad_norm=val_grad_norm)
     if mode == "reverse":
         start_momentum = velocity
     elif steps[0].momentum_buffers is not None:
         start_momentum = validate_tensor_list(
             steps[0].momentum_buffers, params, "steps[0].momentum_buffers", none_is_zero=True
         )
-    grad_norms.reverse()
-    clip_factors.reverse()
     return HypergradResult(
         teacher_grad=omega_bar,
         param_grad=theta_bar,

@@ -167,7 +167,8 @@ def teacher_hypergradient(model: nn.Module, optimizer: RecordingSGD, weigher: Ex
 
     steps = optimizer.window(backprop_steps)  # oldest first
     result = reverse_hypergradient([p.detach() for p in params], optimizer.momentum_buffers(),
-                                   list(weigher.parameters()), steps, loss_fn, val_grad, mode=mode)
+                                   list(weigher.parameters()), steps, loss_fn, val_grad, mode=mode,
+                                   teacher_grad_only=True)
     return float(val_loss.detach()), result.teacher_grad
 
 
