@@ -269,7 +269,7 @@ class NoiseAucMonitor:
         self.noisy = read_noise_sidecar(cfg.reweight_noise_sidecar, len(self.dataset))
         self.indices = select_sentences(len(self.dataset), MONITOR_MAX_SENTENCES, cfg.seed, self.noisy)
         self.max_positions = utils.resolve_max_positions(task.max_positions(), unwrap_model(model).max_positions())
-        self.max_tokens = cfg.meta_valid_max_tokens
+        self.max_tokens = task.meta_valid_max_tokens() or 4096
         self.stats: Dict[str, float] = {}  # the latest evaluation (empty before the first)
 
     def update(self, driver, model, criterion, num_meta_updates: int) -> Tuple[Dict[str, float], bool]:

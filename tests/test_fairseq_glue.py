@@ -81,6 +81,21 @@ def test_teacher_is_not_trained_by_the_student_optimizer(tiny_data_bin, tmp_path
     assert len(student) == sum(1 for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize(
+    "flags, max_tokens",
+    [([], 400), (["--max-tokens-valid", "250"], 250), (["--meta-valid-max-tokens", "123"], 123)],
+)
+def test_meta_valid_batches_default_to_the_validation_batch_size(tiny_data_bin, flags, max_tokens):
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    args = options.parse_args_and_arch(options.get_training_parser(), [tiny_data_bin] + COMMON + REWEIGHT + flags)
+    task = tasks.setup_task(convert_namespace_to_omegaconf(args).task)
+    assert task.meta_valid_max_tokens() == max_tokens  # COMMON trains with --max-tokens 400
+    batch = next(task.meta_valid_batches())
+    assert 0 < batch["ntokens"] and batch["net_input"]["src_tokens"].numel() <= max_tokens
+
+
 def _cli(args, cwd):
     env = dict(os.environ, PYTHONPATH=REPO)
     return subprocess.run([sys.executable, "-m", "fairseq_cli.train"] + args, cwd=cwd, env=env,

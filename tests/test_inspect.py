@@ -214,7 +214,8 @@ def test_in_training_monitor_agrees_with_inspect(trained, noisy_bin, tmp_path):
     assert new and loaded.model.training and torch.equal(torch.get_rng_state(), rng)
     result = inspect_cmd.main([noisy_bin, "--path", trained["with"], "--out", str(tmp_path), "--cpu"])
     assert stats["noise_auc"] == pytest.approx(result["summary"].auc, abs=1e-12)
-    assert stats["noise_w_noisy"] == pytest.approx(result["summary"].mean_weight_noisy, abs=1e-9)
+    # float32 weights computed in batches of other shapes (300 vs 4096 tokens): round-off only
+    assert stats["noise_w_noisy"] == pytest.approx(result["summary"].mean_weight_noisy, abs=1e-6)
 
 
 def test_command_line_error_is_one_line(noisy_bin, tmp_path):

@@ -74,8 +74,10 @@ class ReweightTranslationConfig(TranslationConfig):
     meta_valid_subset: str = field(
         default="valid", metadata={"help": "data split whose loss the teacher minimises"}
     )
-    meta_valid_max_tokens: int = field(
-        default=4096, metadata={"help": "tokens per meta-validation batch"}
+    meta_valid_max_tokens: Optional[int] = field(
+        default=None,
+        metadata={"help": "tokens per meta-validation batch (default: --max-tokens-valid, which "
+                  "defaults to --max-tokens: a batch like a training batch)"},
     )
     reweight_noise_sidecar: Optional[str] = field(
         default=None,
@@ -92,6 +94,8 @@ class ReweightTranslationConfig(TranslationConfig):
     seed: int = II("common.seed")
     max_update: int = II("optimization.max_update")
     clip_norm: float = II("optimization.clip_norm")
+    max_tokens_valid: Optional[int] = II("dataset.max_tokens_valid")
+    batch_size_valid: Optional[int] = II("dataset.batch_size_valid")
 
 
 @register_task("reweight_translation", dataclass=ReweightTranslationConfig)
@@ -158,6 +162,10 @@ class ReweightTranslationTask(TranslationTask):
                 "validation split with fairseq-preprocess --validpref"
             )
 
+    def meta_valid_max_tokens(self):
+        """``--meta-valid-max-tokens``, else fairseq's validation batch size in tokens."""
+        return self.cfg.meta_valid_max_tokens or self.cfg.max_tokens_valid
+
     def meta_valid_batches(self, skip=0):
         """An endless stream of batches of ``--meta-valid-subset`` (the same on every rank), less
         the first ``skip`` (already used before a restart)."""
@@ -171,7 +179,8 @@ class ReweightTranslationTask(TranslationTask):
         while True:
             iterator = self.get_batch_iterator(
                 dataset,
-                max_tokens=self.cfg.meta_valid_max_tokens,
+                max_tokens=self.meta_valid_max_tokens(),
+                max_sentences=None if self.cfg.meta_valid_max_tokens else self.cfg.batch_size_valid,
                 max_positions=self.max_positions(),
                 ignore_invalid_inputs=True,
                 seed=self.cfg.seed,
