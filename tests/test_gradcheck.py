@@ -16,7 +16,7 @@ ARGS = TINY_TRANSFORMER + [
 @pytest.mark.parametrize(
     "extra",
     [["--reweight-history", "reverse"], ["--reweight-history", "checkpoint"], ["--attention-dropout", "0.1"],
-     ["--share-all-embeddings"]],
+     ["--share-all-embeddings"], ["--reweight-features-grad"]],
 )
 def test_gradcheck_agrees_with_unrolled_autograd(tiny_data_bin, capsys, extra):
     cli_main([tiny_data_bin] + ARGS + extra)
