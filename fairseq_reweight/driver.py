@@ -342,7 +342,8 @@ class ReweightDriver(nn.Module):
         omega = [p.detach().clone().requires_grad_() for p in self.teacher.parameters()]
         self._replay_teacher_params = dict(zip(names, omega))
         try:
-            yield Replay(StudentView(inner, self._recorder), criterion, omega, self.cfg.seed)
+            yield Replay(StudentView(inner, self._recorder), criterion, omega, self.cfg.seed,
+                         valid_loss=self.cfg.meta_valid_loss)
         finally:
             self._replay_teacher_params = None
             utils.set_rng_state(rng_state)

@@ -30,8 +30,9 @@ class Replay:
     """The student's losses as functions of its parameters, for one meta-update
     (``ReweightDriver.replaying`` builds it)."""
 
-    def __init__(self, student, criterion, omega, seed):
+    def __init__(self, student, criterion, omega, seed, valid_loss="criterion"):
         self.student, self.criterion, self.omega, self.seed = student, criterion, omega, seed
+        self.valid_loss = valid_loss  # "criterion" (e.g. label-smoothed) or "nll"
 
     def _loss(self, sample, params):
         """``criterion(model, sample)``'s loss with the student's parameters set to ``params``."""
@@ -40,11 +41,22 @@ class Replay:
             return self.criterion(model, sample)[0]
 
     def validation_loss(self, sample, params):
-        """Token-averaged validation loss at ``params`` (model in eval mode: no dropout)."""
+        """Token-averaged validation loss at ``params`` (model in eval mode: no dropout): the
+        criterion's loss (label-smoothed with --label-smoothing) or, with ``valid_loss="nll"``, the
+        plain negative log-likelihood."""
         if self.student.device.type == "cuda":
             sample = utils.move_to_cuda(sample, device=self.student.device)
-        self.student.replay_model.eval()
-        return self._loss(sample, params) / float(sample_size(sample, self.criterion))
+        model = self.student.replay_model
+        model.eval()
+        if self.valid_loss == "criterion":
+            loss = self._loss(sample, params)
+        else:  # the plain token NLL, without label smoothing
+            from fairseq_reweight.criterions.reweighted_cross_entropy import unwrap_model
+
+            with substitute_parameters(model, self.student.param_dict(params)):
+                net_output = model(**sample["net_input"])
+                loss = unwrap_model(self.criterion).compute_loss(model, net_output, sample, reduce=True)[1]
+        return loss / float(sample_size(sample, self.criterion))
 
     def validation_gradient(self, sample):
         """(validation loss, its gradient) at the student's current parameters theta_K."""

@@ -96,6 +96,31 @@ def test_meta_valid_batches_default_to_the_validation_batch_size(tiny_data_bin, 
     assert 0 < batch["ntokens"] and batch["net_input"]["src_tokens"].numel() <= max_tokens
 
 
+def test_meta_valid_loss_is_the_criterion_or_the_plain_nll(tiny_data_bin):
+    from types import SimpleNamespace
+
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    from fairseq_reweight.replay import Replay
+
+    args = options.parse_args_and_arch(options.get_training_parser(), [tiny_data_bin] + COMMON + REWEIGHT)
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    model, criterion = task.build_model(cfg.model), task.build_criterion(cfg.criterion)
+    sample = next(task.meta_valid_batches())
+    model.eval()
+    with torch.no_grad():
+        _, _, logged = criterion(model, sample)  # eval mode: fairseq's label_smoothed_cross_entropy
+    params = [p.detach() for p in model.parameters()]
+    student = SimpleNamespace(replay_model=model, device=params[0].device,
+                              param_dict=lambda ps: dict(zip([n for n, _ in model.named_parameters()], ps)))
+    for kind, key in (("criterion", "loss"), ("nll", "nll_loss")):
+        value = Replay(student, criterion, [], 1, valid_loss=kind).validation_loss(sample, params)
+        assert float(value) == pytest.approx(float(logged[key]) / sample["ntokens"], rel=1e-6)
+    assert float(logged["loss"]) > float(logged["nll_loss"])  # label smoothing is on
+
+
 def _cli(args, cwd):
     env = dict(os.environ, PYTHONPATH=REPO)
     return subprocess.run([sys.executable, "-m", "fairseq_cli.train"] + args, cwd=cwd, env=env,

@@ -16,7 +16,8 @@ ARGS = TINY_TRANSFORMER + [
 @pytest.mark.parametrize(
     "extra",
     [["--reweight-history", "reverse"], ["--reweight-history", "checkpoint"], ["--attention-dropout", "0.1"],
-     ["--share-all-embeddings"], ["--reweight-features-grad"]],
+     ["--share-all-embeddings"], ["--reweight-features-grad"],
+     ["--meta-valid-loss", "nll"]],
 )
 def test_gradcheck_agrees_with_unrolled_autograd(tiny_data_bin, capsys, extra):
     cli_main([tiny_data_bin] + ARGS + extra)

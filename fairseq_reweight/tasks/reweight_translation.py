@@ -74,6 +74,11 @@ class ReweightTranslationConfig(TranslationConfig):
     meta_valid_subset: str = field(
         default="valid", metadata={"help": "data split whose loss the teacher minimises"}
     )
+    meta_valid_loss: ChoiceEnum(["criterion", "nll"]) = field(
+        default="criterion",
+        metadata={"help": "the loss the teacher minimises on --meta-valid-subset: the training "
+                  "criterion's (label-smoothed with --label-smoothing) or the plain token NLL"},
+    )
     meta_valid_max_tokens: Optional[int] = field(
         default=None,
         metadata={"help": "tokens per meta-validation batch (default: --max-tokens-valid, which "
