@@ -9,8 +9,9 @@ fairseq's own Trainer, in one process:
 - ``lookahead``: a one-step look-ahead meta-update before every step (K=1, B=1), the cost pattern of
   L2RW / Meta-Weight-Net.
 
-Time per update is averaged over max(2K, 20) timed updates after K+1 warm-up updates, so the
-meta-updates are amortised over whole periods. Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU and the
+Every configuration is timed on the same updates: after max(K)+1 warm-up updates, over
+``--periods`` x lcm(K) updates (whole periods of every K; at least 20), so the meta-updates are
+amortised exactly and batch sizes do not differ between configurations. Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU and the
 peak resident set size sampled every millisecond on the CPU. Prints a table of ratios to ``plain``.
 
     python benchmarks/cost.py DATA_BIN --arch transformer_iwslt_de_en --max-tokens 4096   # GPU
@@ -19,7 +20,9 @@ peak resident set size sampled every millisecond on the CPU. Prints a table of r
 import argparse
 import copy
 import logging
+import math
 import os
+import shlex
 import sys
 import threading
 import time
@@ -75,11 +78,10 @@ def build(data, flags):
     return Trainer(cfg, task, model, criterion), task, cfg
 
 
-def measure(name, data, flags, init_state, batches, interval):
+def measure(name, data, flags, init_state, batches, warmup, timed):
     trainer, _, _ = build(data, flags)
     trainer.model.load_state_dict(init_state)
     cuda = torch.cuda.is_available() and "--cpu" not in flags
-    warmup, timed = interval + 1, max(2 * interval, 20)
     for sample in batches[:warmup]:
         trainer.train_step([sample])
     if cuda:
@@ -104,6 +106,11 @@ def main():
     parser.add_argument("--sweep", default="20:2,20:1,20:5,10:2,50:2",
                         help="K:B pairs to measure besides plain and lookahead")
     parser.add_argument("--history", default="reverse", choices=["reverse", "checkpoint"])
+    parser.add_argument("--periods", type=int, default=1,
+                        help="timed updates = PERIODS x lcm of the K values (default 1: 100 updates for the default sweep)")
+    parser.add_argument("--reweight-args", default="",
+                        help="extra flags for the reweighting configurations only, e.g. "
+                        "\"--meta-valid-max-tokens 4096 --teacher-hidden-layers 1\"")
     args, model_flags = parser.parse_known_args()
     if args.preset == "cpu-small":
         model_flags = CPU_SMALL + model_flags
@@ -116,17 +123,20 @@ def main():
     plain = common + ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--optimizer", "sgd"]
     ours = common + ["--user-dir", USER_DIR, "--task", "reweight_translation",
                      "--criterion", "reweighted_cross_entropy", "--optimizer", "reweight_sgd",
-                     "--reweight-history", args.history]
+                     "--reweight-history", args.history] + shlex.split(args.reweight_args)
     configs = [(f"K={k},B={b}", int(k), ours + ["--reweight-interval", k, "--reweight-backprop-steps", b])
                for k, b in (pair.split(":") for pair in args.sweep.split(","))]
     configs.append(("lookahead K=1,B=1", 1, ours + ["--reweight-interval", "1", "--reweight-backprop-steps", "1"]))
     longest = max(k for _, k, _ in configs)
+    warmup = longest + 1
+    period = math.lcm(*(k for _, k, _ in configs))
+    timed = args.periods * period * max(1, math.ceil(20 / (args.periods * period)))
 
     trainer, task, cfg = build(args.data, plain)
     init_state = copy.deepcopy(trainer.model.state_dict())
     itr = trainer.get_train_iterator(epoch=1, load_dataset=False).next_epoch_itr(shuffle=True)
     batches = []
-    needed = longest + 1 + max(2 * longest, 20)
+    needed = warmup + timed
     while len(batches) < needed:
         try:
             batches.append(next(itr))
@@ -137,10 +147,11 @@ def main():
     print(f"device: {device}; torch {torch.__version__}; {sum(v.numel() for v in init_state.values()):,} "
           f"parameters; {sum(b['ntokens'] for b in batches) / len(batches):.0f} target tokens per batch")
     # a discarded first run absorbs one-off costs (CUDA context, kernel selection, allocator growth)
-    measure("warm-up", args.data, plain, init_state, batches, 20)
-    results = [measure("plain fairseq SGD", args.data, plain, init_state, batches, 20)]
-    for name, k, flags in configs:
-        results.append(measure(name, args.data, flags, init_state, batches, k))
+    print(f"timing updates {warmup + 1}-{warmup + timed} of every configuration (after {warmup} warm-up updates)")
+    measure("warm-up", args.data, plain, init_state, batches, 2, 2)
+    results = [measure("plain fairseq SGD", args.data, plain, init_state, batches, warmup, timed)]
+    for name, _, flags in configs:
+        results.append(measure(name, args.data, flags, init_state, batches, warmup, timed))
     base = results[0]
     print(f"\n{'configuration':<22} {'ms/update':>10} {'x plain':>8} {'peak MiB':>9} {'x plain':>8}")
     for r in results:
