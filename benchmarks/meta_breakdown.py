@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Where a meta-update's time goes, in units of one training step of the same run.
+
+Trains with this method through fairseq's Trainer (same flags as ``cost.py``) and times, per
+meta-update, the validation gradient, each replayed step by double backward and the oldest replayed
+step by forward-mode AD (``teacher_grad_only``), against the mean time of a training step without a
+meta-update. The time per update of K=k, B=b is then about
+``1 + (validation + (b - 1) x double backward + forward-mode) / k`` training steps.
+
+    python benchmarks/meta_breakdown.py DATA_BIN --arch transformer_iwslt_de_en --max-tokens 4096   # GPU
+    python benchmarks/meta_breakdown.py DATA_BIN --preset cpu-small                                  # CPU
+"""
+import argparse
+import logging
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cost  # noqa: E402  (build, presets)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("data")
+    parser.add_argument("--preset", choices=["cpu-small"], help="small model and batches for the CPU")
+    parser.add_argument("--interval", type=int, default=10, help="K (default 10: more meta-updates to average)")
+    parser.add_argument("--backprop-steps", type=int, default=2, help="B (default 2)")
+    parser.add_argument("--updates", type=int, default=71, help="training updates to run (default 71)")
+    args, model_flags = parser.parse_known_args()
+    if args.preset == "cpu-small":
+        model_flags = cost.CPU_SMALL + model_flags
+    logging.disable(logging.WARNING)
+    sys.path.insert(0, cost.REPO)
+    from fairseq_reweight import replay
+    from fairseq_reweight.hypergrad import reverse
+
+    cuda = torch.cuda.is_available() and "--cpu" not in model_flags
+    times = {}
+
+    def timed(owner, name, label):
+        function = getattr(owner, name)
+
+        def wrapper(*a, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            result = function(*a, **kw)
+            if cuda:
+                torch.cuda.synchronize()
+            times.setdefault(label, []).append(time.perf_counter() - start)
+            return result
+
+        setattr(owner, name, wrapper)
+
+    timed(replay.Replay, "validation_gradient", "validation gradient")
+    timed(reverse, "_replay_step", "replayed step, double backward")
+    timed(reverse, "_teacher_step", "oldest replayed step, forward-mode")
+
+    flags = model_flags + ["--lr", "1e-3", "--momentum", "0.9", "--label-smoothing", "0.1", "--seed", "1",
+                           "--num-workers", "0", "--user-dir", cost.USER_DIR, "--task", "reweight_translation",
+                           "--criterion", "reweighted_cross_entropy", "--optimizer", "reweight_sgd",
+                           "--reweight-interval", str(args.interval),
+                           "--reweight-backprop-steps", str(args.backprop_steps)]
+    trainer, _, _ = cost.build(args.data, flags)
+    epoch = 1
+    itr = trainer.get_train_iterator(epoch=epoch, load_dataset=False).next_epoch_itr(shuffle=True)
+    steps = []
+    for update in range(args.updates):
+        try:
+            sample = next(itr)
+        except StopIteration:
+            epoch += 1
+            itr = trainer.get_train_iterator(epoch=epoch, load_dataset=False).next_epoch_itr(shuffle=True)
+            sample = next(itr)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        trainer.train_step([sample])
+        if cuda:
+            torch.cuda.synchronize()
+        # a meta-update runs before the first micro-batch of updates K, 2K, ...; skip warm-up
+        if update > args.interval and update % args.interval != 0:
+            steps.append(time.perf_counter() - start)
+    step = sum(steps) / len(steps)
+    device = torch.cuda.get_device_name() if cuda else "CPU"
+    print(f"device: {device}; torch {torch.__version__}; K={args.interval}, B={args.backprop_steps}")
+    print(f"training step without a meta-update: {1000 * step:.1f} ms (mean of {len(steps)})")
+    total = 0.0
+    for label, values in times.items():
+        values = values[1:] or values  # the first meta-update includes one-off costs
+        mean = sum(values) / len(values)
+        per_update = mean * len(times[label]) / max(1, len(times["validation gradient"]))
+        total += per_update
+        print(f"{label:<36} {1000 * mean:8.1f} ms = {mean / step:5.2f} training steps (mean of {len(values)})")
+    print(f"meta-update total: {total / step:.2f} training steps; at K=20: {1 + total / step / 20:.2f}x a plain update")
+
+
+if __name__ == "__main__":
+    main()
