@@ -11,8 +11,10 @@ fairseq's own Trainer, in one process:
 
 Every configuration is timed on the same updates: after max(K)+1 warm-up updates, over
 ``--periods`` x lcm(K) updates (whole periods of every K; at least 20), so the meta-updates are
-amortised exactly and batch sizes do not differ between configurations. Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU and the
-peak resident set size sampled every millisecond on the CPU. Prints a table of ratios to ``plain``.
+amortised exactly and batch sizes do not differ between configurations. Peak memory is
+``torch.cuda.max_memory_allocated`` on a GPU and the peak resident set size sampled every
+millisecond on the CPU. Prints a table of ratios to ``plain``. On a small shared CPU machine the
+wall-clock ratios vary by about +-0.1 between runs; ``meta_breakdown.py`` is steadier.
 
     python benchmarks/cost.py DATA_BIN --arch transformer_iwslt_de_en --max-tokens 4096   # GPU
     python benchmarks/cost.py DATA_BIN --preset cpu-small                                  # CPU

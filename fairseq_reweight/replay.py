@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from fairseq import utils
 
+from fairseq_reweight.criterions.reweighted_cross_entropy import unwrap_model
 from fairseq_reweight.hypergrad import StepRecord, substitute_parameters
 
 
@@ -51,8 +52,6 @@ class Replay:
         if self.valid_loss == "criterion":
             loss = self._loss(sample, params)
         else:  # the plain token NLL, without label smoothing
-            from fairseq_reweight.criterions.reweighted_cross_entropy import unwrap_model
-
             with substitute_parameters(model, self.student.param_dict(params)):
                 net_output = model(**sample["net_input"])
                 loss = unwrap_model(self.criterion).compute_loss(model, net_output, sample, reduce=True)[1]

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, 
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 CLIP_EPS = 1e-6  # fairseq.utils.clip_grad_norm_: coef = min(1, max_norm / (norm + 1e-6))
 
@@ -306,8 +307,6 @@ def _teacher_step(step, theta, teacher_params, loss_fn, v_tilde, all_reduce, ste
     Clipped steps use the direction ``u`` of :func:`_replay_step` (which needs G first, one
     gradient-only pass). Returns (||G|| or nan when not computed, s, domega).
     """
-    from torch.autograd import forward_ad
-
     norm, scale, direction = math.nan, 1.0, v_tilde
     if step.clip_norm > 0:
         grad_sum = [torch.zeros_like(p) for p in theta]
@@ -412,8 +411,8 @@ def reverse_hypergradient(
             step then needs no theta-adjoint, and its omega-part ``d(g_t . v~)/d omega`` is
             computed by forward-mode AD (the step's loss at dual parameters theta + eps v~; its
             slope is ``G . v~``, differentiated back to omega through the teacher alone) instead
-            of a double backward through the student: one of the B replays costs about a forward
-            pass instead of a double backward. ``loss_fn`` must then also accept dual tensors
+            of a double backward through the student: one of the B replays costs about 1.5
+            training steps instead of about 3 (measured on the CPU, ``benchmarks/meta_breakdown.py``). ``loss_fn`` must then also accept dual tensors
             (``torch.autograd.forward_ad``; fairseq's Transformer does). ``param_grad``,
             ``momentum_grad`` and ``start_params`` come back empty, ``start_momentum_buffers``
             None, and ``grad_norms`` holds nan for the oldest step unless it was clipped.
