@@ -66,6 +66,16 @@ class PeakRSS:
         self._thread.join()
 
 
+def training_flags(model_flags):
+    """fairseq-train flags of plain fairseq momentum SGD and of this method, same model and data."""
+    common = model_flags + ["--lr", "1e-3", "--momentum", "0.9", "--label-smoothing", "0.1",
+                            "--seed", "1", "--num-workers", "0"]
+    plain = common + ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--optimizer", "sgd"]
+    ours = common + ["--user-dir", USER_DIR, "--task", "reweight_translation",
+                     "--criterion", "reweighted_cross_entropy", "--optimizer", "reweight_sgd"]
+    return plain, ours
+
+
 def build(data, flags):
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
@@ -120,12 +130,8 @@ def main():
     sys.path.insert(0, REPO)
     import fairseq_reweight  # noqa: F401
 
-    common = model_flags + ["--lr", "1e-3", "--momentum", "0.9", "--label-smoothing", "0.1",
-                            "--seed", "1", "--num-workers", "0"]
-    plain = common + ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--optimizer", "sgd"]
-    ours = common + ["--user-dir", USER_DIR, "--task", "reweight_translation",
-                     "--criterion", "reweighted_cross_entropy", "--optimizer", "reweight_sgd",
-                     "--reweight-history", args.history] + shlex.split(args.reweight_args)
+    plain, ours = training_flags(model_flags)
+    ours += ["--reweight-history", args.history] + shlex.split(args.reweight_args)
     configs = [(f"K={k},B={b}", int(k), ours + ["--reweight-interval", k, "--reweight-backprop-steps", b])
                for k, b in (pair.split(":") for pair in args.sweep.split(","))]
     configs.append(("lookahead K=1,B=1", 1, ours + ["--reweight-interval", "1", "--reweight-backprop-steps", "1"]))

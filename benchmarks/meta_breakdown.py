@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import cost  # noqa: E402  (build, presets)
+import cost  # noqa: E402  (build, training flags, presets)
 
 
 def main():
@@ -59,11 +59,8 @@ def main():
     timed(reverse, "_replay_step", "replayed step, double backward")
     timed(reverse, "_teacher_step", "oldest replayed step, forward-mode")
 
-    flags = model_flags + ["--lr", "1e-3", "--momentum", "0.9", "--label-smoothing", "0.1", "--seed", "1",
-                           "--num-workers", "0", "--user-dir", cost.USER_DIR, "--task", "reweight_translation",
-                           "--criterion", "reweighted_cross_entropy", "--optimizer", "reweight_sgd",
-                           "--reweight-interval", str(args.interval),
-                           "--reweight-backprop-steps", str(args.backprop_steps)]
+    flags = cost.training_flags(model_flags)[1] + ["--reweight-interval", str(args.interval),
+                                                    "--reweight-backprop-steps", str(args.backprop_steps)]
     trainer, _, _ = cost.build(args.data, flags)
     epoch = 1
     itr = trainer.get_train_iterator(epoch=epoch, load_dataset=False).next_epoch_itr(shuffle=True)

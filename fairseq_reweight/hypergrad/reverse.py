@@ -286,11 +286,7 @@ def _replay_step(step, theta, teacher_params, loss_fn, v_tilde, all_reduce, step
         norm = _global_norm(grad_sum)
         return grad_sum, norm, 1.0, hvp_theta, hvp_omega
 
-    for chunk in iter_loss_chunks(loss_fn(step, theta), step_index):
-        _add_into(grad_sum, _chunk_gradient(chunk, theta, create_graph=False) or ())
-    if all_reduce is not None:
-        all_reduce(grad_sum)
-    norm = _global_norm(grad_sum)
+    grad_sum, norm = _full_gradient(step, theta, loss_fn, all_reduce, step_index)
     scale = clip_factor(norm, step.clip_norm)[0]
     accumulate_hvp(_clip_direction(grad_sum, norm, step.clip_norm, v_tilde), first_pass=False)
     if all_reduce is not None:
@@ -309,12 +305,7 @@ def _teacher_step(step, theta, teacher_params, loss_fn, v_tilde, all_reduce, ste
     """
     norm, scale, direction = math.nan, 1.0, v_tilde
     if step.clip_norm > 0:
-        grad_sum = [torch.zeros_like(p) for p in theta]
-        for chunk in iter_loss_chunks(loss_fn(step, theta), step_index):
-            _add_into(grad_sum, _chunk_gradient(chunk, theta, create_graph=False) or ())
-        if all_reduce is not None:
-            all_reduce(grad_sum)
-        norm = _global_norm(grad_sum)
+        grad_sum, norm = _full_gradient(step, theta, loss_fn, all_reduce, step_index)
         direction = _clip_direction(grad_sum, norm, step.clip_norm, v_tilde)
         scale = clip_factor(norm, step.clip_norm)[0]
     domega = [torch.zeros_like(w) for w in teacher_params]
@@ -326,6 +317,16 @@ def _teacher_step(step, theta, teacher_params, loss_fn, v_tilde, all_reduce, ste
                 continue  # the chunk does not depend on theta, or its slope not on omega
             _add_into(domega, torch.autograd.grad(tangent, teacher_params, allow_unused=True))
     return norm, scale, domega
+
+
+def _full_gradient(step, theta, loss_fn, all_reduce, step_index):
+    """G of one step (no graph; summed over workers with ``all_reduce``) and its norm."""
+    grad_sum = [torch.zeros_like(p) for p in theta]
+    for chunk in iter_loss_chunks(loss_fn(step, theta), step_index):
+        _add_into(grad_sum, _chunk_gradient(chunk, theta, create_graph=False) or ())
+    if all_reduce is not None:
+        all_reduce(grad_sum)
+    return grad_sum, _global_norm(grad_sum)
 
 
 def _clip_direction(grad_sum, norm, clip_norm, v_tilde):
