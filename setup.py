@@ -32,6 +32,7 @@ setup(
         "console_scripts": [
             "fairseq-reweight-gradcheck = fairseq_reweight.gradcheck:cli_main",
             "fairseq-reweight-inspect = fairseq_reweight.inspect:cli_main",
+            "fairseq-reweight-influence = fairseq_reweight.influence:cli_main",
         ]
     },
 )

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import fairseq_reweight  # noqa: F401  (registers the components)
 from conftest import REPO, binarize, write_parallel_corpus
 from fairseq_helpers import REWEIGHT, TINY_TRANSFORMER, inner_stats, run_train
+from fairseq_reweight import influence as influence_cmd
 from fairseq_reweight import inspect as inspect_cmd
 from fairseq_reweight.errors import ReweightConfigError
 from fairseq_reweight.noise_auc import (
@@ -245,3 +246,79 @@ def test_clear_errors(trained, noisy_bin, tmp_path):
                               "--out", str(tmp_path / "o")])
     with pytest.raises(ReweightConfigError, match=f"has 2 lines but the split has {N_TRAIN}"):  # at meta-update 1
         run_train(noisy_bin, str(tmp_path / "bad"), TRAIN[:-2] + ["--max-update", "4", "--reweight-noise-sidecar", str(short)])
+
+
+# -- influence: which tokens the meta-objective asks to up-weight -------------------------------------
+def test_influence_is_the_dot_product_of_the_two_gradients(trained, noisy_bin):
+    from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+    task, model, eps = influence_cmd.load_checkpoint(trained["without"], noisy_bin, use_cuda=False)
+    assert eps == 0.1  # the checkpoint's --label-smoothing
+    task.load_dataset("train")
+    task.load_dataset("valid")
+    pad = task.target_dictionary.pad()
+    for valid_loss in ("criterion", "nll"):
+        value, direction, tokens = influence_cmd.validation_gradient(
+            task, model, "valid", eps, valid_loss, max_tokens=150, device=torch.device("cpu"))
+        # by hand: the whole valid split in one batch, plain autograd
+        valid = task.dataset("valid")
+        sample = valid.collater([valid[i] for i in range(len(valid))])
+        model.eval()
+        lprobs = model.get_normalized_probs(model(**sample["net_input"]), log_probs=True)
+        loss, nll = label_smoothed_nll_loss(lprobs.view(-1, lprobs.size(-1)), sample["target"].view(-1), eps,
+                                            ignore_index=pad)
+        objective = (loss if valid_loss == "criterion" else nll) / tokens
+        assert tokens == int(sample["target"].ne(pad).sum())
+        assert value == pytest.approx(objective.item(), rel=1e-5)
+        params = dict(model.named_parameters())
+        expected = torch.autograd.grad(objective, list(params.values()))
+        for name, grad in zip(params, expected):
+            torch.testing.assert_close(direction[name], grad, rtol=1e-4, atol=1e-7)
+
+        dataset = task.dataset("train")
+        result = influence_cmd.token_influence(model, dataset, [3, 17, 40], direction, eps, pad, max_tokens=4096,
+                                               seed=0, num_special=task.target_dictionary.nspecial)
+        assert sorted(set(result.ids.tolist())) == [3, 17, 40]
+        for sentence_id in (3, 17):
+            sample = dataset.collater([dataset[sentence_id]])
+            lprobs = model.get_normalized_probs(model(**sample["net_input"]), log_probs=True)[0]
+            token_loss, _ = label_smoothed_nll_loss(lprobs, sample["target"][0], eps, ignore_index=pad, reduce=False)
+            token_loss = token_loss.squeeze(-1)
+            rows = np.flatnonzero(result.ids == sentence_id)
+            assert result.tokens[rows].tolist() == sample["target"][0].tolist()
+            np.testing.assert_allclose(result.loss[rows], token_loss.detach().numpy(), rtol=1e-5)
+            for position in (0, len(rows) - 1):
+                grads = torch.autograd.grad(token_loss[position], list(params.values()), retain_graph=True)
+                by_hand = sum(float((g * direction[n]).sum()) for n, g in zip(params, grads))
+                assert result.influence[rows[position]] == pytest.approx(by_hand, rel=1e-4, abs=1e-9)
+
+
+def test_influence_command_writes_tables_and_the_auc(noisy_bin, tmp_path, capsys):
+    # a student without a teacher (the pretrained model of an experiment): the command needs no teacher
+    run_train(noisy_bin, str(tmp_path / "student"), TRAIN[:-2] + ["--max-update", "40", "--reweight-teacher", "none"])
+    out = tmp_path / "out"
+    result = influence_cmd.main([noisy_bin, "--path", str(tmp_path / "student" / "checkpoint_last.pt"), "--cpu",
+                                 "--out", str(out), "--max-sentences", "150", "--meta-valid-loss", "nll"])
+    printed = capsys.readouterr().out
+    assert "validation objective: plain NLL on valid" in printed
+    assert "ROC AUC of 'low influence => noisy pair'" in printed and "tokens of noisy pairs" in printed
+    noisy = read_noise_sidecar(os.path.join(noisy_bin, "train.noise"))
+    header, rows = _read_tsv(out / "sentences.tsv")
+    assert header == ["id", "noisy", "n_tokens", "mean_loss", "mean_influence"]
+    assert len(rows) == 150 and sum(int(r[1]) for r in rows) == 75  # balanced draw
+    assert all(int(r[1]) == noisy[int(r[0])] for r in rows)
+    token_header, token_rows = _read_tsv(out / "tokens.tsv")
+    assert token_header == ["id", "position", "token", "noisy", "loss", "influence", "influence_random_label"]
+    assert len(token_rows) == sum(int(r[2]) for r in rows) == result["num_tokens"]
+    first = [r for r in token_rows if r[0] == rows[0][0]]
+    assert float(rows[0][4]) == pytest.approx(np.mean([float(r[5]) for r in first]), rel=1e-4, abs=1e-9)
+    sentence_influence = np.array([float(r[4]) for r in rows])
+    assert result["sentence_auc"] == pytest.approx(
+        roc_auc_low_weight_noisy(sentence_influence, np.array([int(r[1]) for r in rows])), abs=1e-4)
+    # a student that has learned something: on the clean pairs its training labels lower the
+    # validation NLL (the objective wants them), random words at the same positions raise it
+    clean = [r for r in token_rows if r[3] == "0"]
+    assert np.mean([float(r[5]) for r in clean]) > 0 > np.mean([float(r[6]) for r in clean])
+    assert (out / "summary.txt").read_text().count("ROC AUC") == 1
+    with pytest.raises(ReweightConfigError, match="checkpoint .*missing.pt' not found"):
+        influence_cmd.main([noisy_bin, "--path", str(tmp_path / "missing.pt"), "--out", str(out)])
