@@ -38,7 +38,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 
@@ -125,9 +125,10 @@ def validation_gradient(task, model, subset: str, eps: float, valid_loss: str, m
     return total_loss / total_tokens, {n: g / total_tokens for n, g in grads.items()}, total_tokens
 
 
-def token_influence(model, dataset, indices, direction: Dict[str, "torch.Tensor"], eps: float, pad: int,
+def token_influence(model, dataset, indices, direction: dict, eps: float, pad: int,
                     max_tokens: int, seed: int, num_special: int) -> TokenInfluence:
-    """``grad l_i . direction`` for every target token of ``dataset[indices]`` (forward-mode AD)."""
+    """``grad l_i . direction`` for every target token of ``dataset[indices]`` (forward-mode AD);
+    ``direction`` maps the model's parameter names to tensors of their shapes."""
     import torch
     from torch.autograd import forward_ad
     from fairseq import utils
@@ -213,7 +214,7 @@ def run(args) -> dict:
     from fairseq import utils
 
     from fairseq_reweight.errors import ReweightConfigError
-    from fairseq_reweight.noise_auc import read_noise_sidecar, roc_auc_low_weight_noisy, select_sentences
+    from fairseq_reweight.noise_auc import read_noise_sidecar, roc_auc_low_weight_noisy, select_sentences, spearman
 
     if args.max_sentences is not None and args.max_sentences < 1:
         raise ReweightConfigError(f"--max-sentences must be >= 1, got {args.max_sentences}")
@@ -274,7 +275,7 @@ def run(args) -> dict:
         "random label = the same for a random dictionary word at the token's position (a control: > 0 means wrong "
         "labels lower the validation loss too)",
         *group_table(result, token_noisy, mask_id),
-        f"Spearman correlation of sentence influence and loss: {_spearman(sent_influence, sent_loss):.4f}",
+        f"Spearman correlation of sentence influence and loss: {spearman(sent_influence, sent_loss):.4f}",
     ]
     figures = {"num_sentences": len(sent_ids), "num_tokens": len(result.tokens), "valid_loss": valid_value,
                "result": result, "tokens_tsv": tokens_path, "sentences_tsv": sentences_path}
@@ -297,14 +298,6 @@ def run(args) -> dict:
     print("\n".join(lines))
     print("wrote: " + ", ".join([tokens_path, sentences_path, summary_path]))
     return figures
-
-
-def _spearman(a, b) -> float:
-    from scipy.stats import spearmanr
-
-    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
 
 
 def build_parser():

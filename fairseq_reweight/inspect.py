@@ -229,7 +229,9 @@ def run(args) -> dict:
     from fairseq import utils
 
     from fairseq_reweight.errors import ReweightConfigError
-    from fairseq_reweight.noise_auc import noise_summary, read_noise_sidecar, score_sentences, select_sentences
+    from fairseq_reweight.noise_auc import (
+        noise_summary, read_noise_sidecar, score_sentences, select_sentences, spearman,
+    )
 
     if args.max_sentences is not None and args.max_sentences < 1:
         raise ReweightConfigError(f"--max-sentences must be >= 1, got {args.max_sentences}")
@@ -280,7 +282,7 @@ def run(args) -> dict:
         f"loss = label-smoothed token cross-entropy (epsilon {loaded.criterion.eps:g}, nats); nll = plain token NLL",
         f"mean sentence weight {scores.mean_weight.mean():.4f} (std {scores.mean_weight.std():.4f}); "
         f"token weights min {token_weights.min():.4f} max {token_weights.max():.4f}",
-        f"Spearman correlation of sentence weight and loss: {_spearman(scores.mean_weight, scores.mean_loss):.4f}",
+        f"Spearman correlation of sentence weight and loss: {spearman(scores.mean_weight, scores.mean_loss):.4f}",
     ]
     result = {"num_sentences": len(scores.ids), "num_tokens": len(token_ids), "weights_tsv": weights_path,
               "tokens_tsv": tokens_path, "plots": plot_paths}
@@ -302,15 +304,6 @@ def run(args) -> dict:
     print("\n".join(lines))
     print("wrote: " + ", ".join([weights_path, tokens_path, summary_path] + plot_paths))
     return result
-
-
-def _spearman(a, b) -> float:
-    """Spearman rank correlation (ties share ranks); NaN when either side is constant."""
-    from scipy.stats import spearmanr
-
-    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
 
 
 def build_parser():

@@ -112,6 +112,15 @@ def _fmt(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.4f}"
 
 
+def spearman(a, b) -> float:
+    """Spearman rank correlation (ties share ranks); NaN when either side is constant."""
+    from scipy.stats import spearmanr
+
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
 def noise_summary(weights: Sequence[float], noisy: Sequence[int]) -> NoiseSummary:
     """AUC and mean weight of noisy vs clean sentences (NaN for an empty class)."""
     weights = np.asarray(weights, dtype=np.float64)
