@@ -68,8 +68,10 @@ class PeakRSS:
 
 def training_flags(model_flags):
     """fairseq-train flags of plain fairseq momentum SGD and of this method, same model and data."""
+    # --max-update only sets the surface teacher's "progress" feature (update / max-update), which
+    # needs it; the benchmarks run their own number of updates.
     common = model_flags + ["--lr", "1e-3", "--momentum", "0.9", "--label-smoothing", "0.1",
-                            "--seed", "1", "--num-workers", "0"]
+                            "--seed", "1", "--num-workers", "0", "--max-update", "1000"]
     plain = common + ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--optimizer", "sgd"]
     ours = common + ["--user-dir", USER_DIR, "--task", "reweight_translation",
                      "--criterion", "reweighted_cross_entropy", "--optimizer", "reweight_sgd"]
