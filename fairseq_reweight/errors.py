@@ -4,6 +4,8 @@
 reaches the top of a command-line program, the hook installed below prints just
 ``fairseq-reweight: error: <message>`` instead of a traceback.
 """
+import logging
+import os
 import sys
 
 
@@ -21,3 +23,21 @@ def _excepthook(exc_type, exc, tb, _previous=sys.excepthook):
 def install_excepthook():
     if sys.excepthook is not _excepthook:
         sys.excepthook = _excepthook
+
+
+def check_checkpoint_and_data(path: str, data: str) -> None:
+    """The inspection commands' first check: the checkpoint file and the data-bin exist."""
+    if not os.path.isfile(path):
+        raise ReweightConfigError(f"checkpoint {path!r} not found: give --path a checkpoint_*.pt written by fairseq-train")
+    if not os.path.isdir(data):
+        raise ReweightConfigError(f"data directory {data!r} not found: give the fairseq data-bin the checkpoint was trained on")
+
+
+def run_command(main, argv=None):
+    """Run a command's ``main(argv)`` with warnings only on stderr and one-line errors."""
+    import fairseq_reweight  # noqa: F401  (importing fairseq configures the root logger; replaced below)
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s | %(name)s | %(message)s", stream=sys.stderr,
+                        force=True)
+    install_excepthook()
+    return main(argv)

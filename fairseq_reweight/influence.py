@@ -34,9 +34,7 @@ Writes to ``--out``: ``tokens.tsv`` (``id``, ``position``, ``token``, ``noisy``,
 ``mean_loss``, ``mean_influence``) and ``summary.txt`` (the table printed at the end).
 """
 import argparse
-import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -60,12 +58,9 @@ def load_checkpoint(path: str, data: str, use_cuda: bool):
     import fairseq_reweight  # noqa: F401  (registers the components and the safe-loading allow-list)
     from fairseq import checkpoint_utils
 
-    from fairseq_reweight.errors import ReweightConfigError
+    from fairseq_reweight.errors import check_checkpoint_and_data
 
-    if not os.path.isfile(path):
-        raise ReweightConfigError(f"checkpoint {path!r} not found: give --path a checkpoint_*.pt written by fairseq-train")
-    if not os.path.isdir(data):
-        raise ReweightConfigError(f"data directory {data!r} not found: give the fairseq data-bin the checkpoint was trained on")
+    check_checkpoint_and_data(path, data)
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": data})
     model = models[0]
     if use_cuda:
@@ -214,7 +209,10 @@ def run(args) -> dict:
     from fairseq import utils
 
     from fairseq_reweight.errors import ReweightConfigError
-    from fairseq_reweight.noise_auc import read_noise_sidecar, roc_auc_low_weight_noisy, select_sentences, spearman
+    from fairseq_reweight.noise_auc import (
+        read_noise_sidecar, roc_auc_low_weight_noisy, select_sentences, spearman,
+    )
+    from fairseq_reweight.inspect import resolve_sidecar
 
     if args.max_sentences is not None and args.max_sentences < 1:
         raise ReweightConfigError(f"--max-sentences must be >= 1, got {args.max_sentences}")
@@ -229,10 +227,7 @@ def run(args) -> dict:
         except FileNotFoundError as err:
             raise ReweightConfigError(f"split {subset!r} not found in {args.data} ({err})") from None
     dataset = task.dataset(args.subset)
-    sidecar = args.noise_sidecar
-    if sidecar is None and not args.no_noise_sidecar:
-        default = os.path.join(args.data, f"{args.subset}.noise")
-        sidecar = default if os.path.isfile(default) else None
+    sidecar = resolve_sidecar(args)
     all_noisy = read_noise_sidecar(sidecar, len(dataset)) if sidecar else None
 
     valid_value, direction, valid_tokens = validation_gradient(
@@ -301,6 +296,8 @@ def run(args) -> dict:
 
 
 def build_parser():
+    from fairseq_reweight.inspect import add_sidecar_arguments
+
     parser = argparse.ArgumentParser(
         prog="python -m fairseq_reweight.influence",
         description="First-order influence of each training token on the validation loss at a checkpoint "
@@ -308,9 +305,7 @@ def build_parser():
     )
     parser.add_argument("data", help="fairseq data-bin directory (as for fairseq-train)")
     parser.add_argument("--path", required=True, help="a translation checkpoint (pretrained or fine-tuned)")
-    parser.add_argument("--noise-sidecar", default=None,
-                        help="0/1 noise labels, one line per sentence of the split (default: DATA/<subset>.noise if it exists)")
-    parser.add_argument("--no-noise-sidecar", action="store_true", help="do not look for DATA/<subset>.noise")
+    add_sidecar_arguments(parser)
     parser.add_argument("--subset", default="train", help="training split to score (default train)")
     parser.add_argument("--valid-subset", default="valid", help="split of the validation loss (default valid)")
     parser.add_argument("--meta-valid-loss", choices=["criterion", "nll"], default="criterion",
@@ -336,13 +331,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
 def cli_main(argv: Optional[List[str]] = None):
     """The command: warnings only on stderr, one-line errors (``fairseq-reweight-influence``)."""
-    import fairseq_reweight  # noqa: F401  (importing fairseq configures the root logger; replaced below)
-    from fairseq_reweight.errors import install_excepthook
+    from fairseq_reweight.errors import run_command
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s | %(name)s | %(message)s", stream=sys.stderr,
-                        force=True)
-    install_excepthook()
-    main(argv)
+    run_command(main, argv)
 
 
 if __name__ == "__main__":

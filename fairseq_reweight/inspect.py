@@ -23,9 +23,7 @@ With a noise sidecar (``--noise-sidecar``; ``DATA/<subset>.noise`` is used when 
 gives the ROC AUC of "low weight => noisy pair" and the mean weight of noisy and clean sentences.
 """
 import argparse
-import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -55,12 +53,9 @@ def load_teacher_checkpoint(path: str, data: str, use_cuda: bool) -> LoadedTeach
     import fairseq_reweight  # noqa: F401  (registers the components and the safe-loading allow-list)
     from fairseq import checkpoint_utils
 
-    from fairseq_reweight.errors import ReweightConfigError
+    from fairseq_reweight.errors import ReweightConfigError, check_checkpoint_and_data
 
-    if not os.path.isfile(path):
-        raise ReweightConfigError(f"checkpoint {path!r} not found: give --path a checkpoint_*.pt written by fairseq-train")
-    if not os.path.isdir(data):
-        raise ReweightConfigError(f"data directory {data!r} not found: give the fairseq data-bin the checkpoint was trained on")
+    check_checkpoint_and_data(path, data)
     state = checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides={"data": data})
     task_cfg = state["cfg"]["task"] if state.get("cfg") is not None else None
     task_name = task_cfg.get("_name") if task_cfg is not None else None
@@ -245,10 +240,7 @@ def run(args) -> dict:
     except FileNotFoundError as err:
         raise ReweightConfigError(f"--subset {args.subset}: no such split in {args.data} ({err})") from None
     dataset = task.dataset(args.subset)
-    sidecar = args.noise_sidecar
-    if sidecar is None and not args.no_noise_sidecar:
-        default = os.path.join(args.data, f"{args.subset}.noise")
-        sidecar = default if os.path.isfile(default) else None
+    sidecar = resolve_sidecar(args)
     all_noisy = read_noise_sidecar(sidecar, len(dataset)) if sidecar else None
     indices = select_sentences(len(dataset), args.max_sentences, args.seed)
     max_positions = utils.resolve_max_positions(task.max_positions(), loaded.model.max_positions())
@@ -306,6 +298,21 @@ def run(args) -> dict:
     return result
 
 
+def add_sidecar_arguments(parser) -> None:
+    """``--noise-sidecar`` / ``--no-noise-sidecar`` of the inspection commands."""
+    parser.add_argument("--noise-sidecar", default=None,
+                        help="0/1 noise labels, one line per sentence of the split (default: DATA/<subset>.noise if it exists)")
+    parser.add_argument("--no-noise-sidecar", action="store_true", help="do not look for DATA/<subset>.noise")
+
+
+def resolve_sidecar(args) -> Optional[str]:
+    """The sidecar those options name: ``--noise-sidecar``, else ``DATA/<subset>.noise`` if it exists."""
+    if args.noise_sidecar is not None or args.no_noise_sidecar:
+        return args.noise_sidecar
+    default = os.path.join(args.data, f"{args.subset}.noise")
+    return default if os.path.isfile(default) else None
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m fairseq_reweight.inspect",
@@ -314,9 +321,7 @@ def build_parser():
     )
     parser.add_argument("data", help="fairseq data-bin directory (as for fairseq-train)")
     parser.add_argument("--path", required=True, help="checkpoint trained with --task reweight_translation and a teacher")
-    parser.add_argument("--noise-sidecar", default=None,
-                        help="0/1 noise labels, one line per sentence of the split (default: DATA/<subset>.noise if it exists)")
-    parser.add_argument("--no-noise-sidecar", action="store_true", help="do not look for DATA/<subset>.noise")
+    add_sidecar_arguments(parser)
     parser.add_argument("--subset", default="train", help="split to score (default train)")
     parser.add_argument("--max-sentences", type=int, default=None,
                         help="score a random subset of this many sentences (default: all)")
@@ -338,13 +343,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
 def cli_main(argv: Optional[List[str]] = None):
     """The command: warnings only on stderr, one-line errors (``fairseq-reweight-inspect``)."""
-    import fairseq_reweight  # noqa: F401  (importing fairseq configures the root logger; replaced below)
-    from fairseq_reweight.errors import install_excepthook
+    from fairseq_reweight.errors import run_command
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s | %(name)s | %(message)s", stream=sys.stderr,
-                        force=True)
-    install_excepthook()
-    main(argv)
+    run_command(main, argv)
 
 
 if __name__ == "__main__":
