@@ -46,6 +46,63 @@ require_fraction() {
 require_int() {  # NAME VALUE MIN
   if ! [[ "$2" =~ ^[0-9]+$ ]] || [ "$2" -lt "$3" ]; then die "$1 must be an integer >= $3, got '$2'"; fi
 }
+require_word() {  # NAME VALUE: one word, no white space
+  [[ "$2" =~ ^[^[:space:]]+$ ]] || die "$1 must be one word without spaces, got '$2'"
+}
+
+# The command line of every script: -h/--help prints USAGE (the script's help text); --workers N
+# (default 2) and --force are common to all; the script's own options go to its
+# `script_option OPTION [VALUE]`, which sets the option's variable and SHIFT to the number of words
+# it used, or SHIFT=0 for a word that is not one of its options. Exactly NPOS positional arguments
+# must follow the options (else USAGE on stderr, exit 2); they are left in ARGS.
+parse_options() {  # NPOS ARG...
+  local npos=$1
+  shift
+  WORKERS=2 FORCE=0  # FORCE is read by check_existing_output
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      -h|--help) printf '%s\n' "$USAGE"; exit 0 ;;
+      --workers) WORKERS=${2:?}; shift 2 ;;
+      --force) export FORCE=1; shift ;;
+      *)
+        script_option "$@"
+        if [ "$SHIFT" -gt 0 ]; then
+          shift "$SHIFT"
+        elif [[ "$1" == -* ]]; then
+          die "unknown option $1 (see -h)"
+        else
+          break
+        fi ;;
+    esac
+  done
+  [ $# -eq "$npos" ] || { printf '%s\n' "$USAGE" >&2; exit 2; }
+  ARGS=("$@")
+}
+
+# The subword options of prepare_iwslt14.sh and prepare_parallel.sh (its --help refers to
+# prepare_iwslt14.sh's): defaults, then subword_option as the fallback of their script_option.
+subword_defaults() { METHOD=bpe BPE_MERGES=10000 SPM_VOCAB=10000 MASK_TOKEN="<mask>"; }
+subword_option() {  # OPTION [VALUE]: as script_option
+  case "$1" in
+    --spm) METHOD=spm; SHIFT=1 ;;
+    --bpe-merges) BPE_MERGES=${2:?}; SHIFT=2 ;;
+    --spm-vocab-size) SPM_VOCAB=${2:?}; SHIFT=2 ;;
+    --mask-token) MASK_TOKEN=${2:?}; SHIFT=2 ;;
+    *) SHIFT=0 ;;
+  esac
+}
+# Checks the numbers both prepare scripts take, --workers too (they check these first and in this
+# order, which decides the error shown when several are wrong), and sets SIZE, the size of the
+# chosen subword model.
+check_prepare_numbers() {
+  require_int --bpe-merges "$BPE_MERGES" 1
+  require_int --spm-vocab-size "$SPM_VOCAB" 1
+  require_int --workers "$WORKERS" 1
+  SIZE=$([ "$METHOD" = bpe ] && echo "$BPE_MERGES" || echo "$SPM_VOCAB")
+}
+# The last lines of both prepare scripts' prep.settings (make_noisy_iwslt.sh reads subword and
+# mask_token back from there).
+subword_settings() { printf 'subword=%s\nsubword_size=%s\nmask_token=%s' "$METHOD" "$SIZE" "$MASK_TOKEN"; }
 
 sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
 

@@ -7,9 +7,7 @@ SCRIPT_NAME=make_noisy_iwslt.sh
 # shellcheck source=data_prep/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() {
-  cat <<EOF
-Usage: $SCRIPT_NAME [options] CLEAN_DIR OUT_DIR
+USAGE="Usage: $SCRIPT_NAME [options] CLEAN_DIR OUT_DIR
 
 Each training pair of CLEAN_DIR/tok is chosen with probability p; in a chosen pair each word of
 source and target is replaced by the mask token with probability q (before subword segmentation).
@@ -23,25 +21,19 @@ Options:
   --seed N             random seed (default 1); same seed and input give the same output
   --workers N          processes for binarization (default 2)
   --force              rebuild OUT_DIR even if it is complete
-  -h, --help           this message
-EOF
-}
+  -h, --help           this message"
 
-P=0.1 Q=0.15 SEED=1 WORKERS=2 FORCE=0  # FORCE is read by lib.sh
-while [ $# -gt 0 ]; do
+P=0.1 Q=0.15 SEED=1
+script_option() {  # see parse_options in lib.sh
   case "$1" in
-    -h|--help) usage; exit 0 ;;
-    -p|--pair-prob) P=${2:?}; shift 2 ;;
-    -q|--word-prob) Q=${2:?}; shift 2 ;;
-    --seed) SEED=${2:?}; shift 2 ;;
-    --workers) WORKERS=${2:?}; shift 2 ;;
-    --force) export FORCE=1; shift ;;
-    -*) die "unknown option $1 (see -h)" ;;
-    *) break ;;
+    -p|--pair-prob) P=${2:?}; SHIFT=2 ;;
+    -q|--word-prob) Q=${2:?}; SHIFT=2 ;;
+    --seed) SEED=${2:?}; SHIFT=2 ;;
+    *) SHIFT=0 ;;
   esac
-done
-[ $# -eq 2 ] || { usage >&2; exit 2; }
-CLEAN=${1%/} OUT=${2%/}
+}
+parse_options 2 "$@"
+CLEAN=${ARGS[0]%/} OUT=${ARGS[1]%/}
 require_fraction "p (--pair-prob)" "$P"
 require_fraction "q (--word-prob)" "$Q"
 require_int --seed "$SEED" 0

@@ -18,40 +18,59 @@ import os
 import random
 import sys
 
+
+def _table(text):
+    """The rows of a table written one row a line, columns separated by spaces, as tuples."""
+    return [tuple(line.split()) for line in text.strip().splitlines()]
+
+
 # english singular, english plural, german singular, german plural, gender (m / f / n)
-NOUNS = [
-    ("dog", "dogs", "Hund", "Hunde", "m"), ("cat", "cats", "Katze", "Katzen", "f"),
-    ("house", "houses", "Haus", "Häuser", "n"), ("car", "cars", "Auto", "Autos", "n"),
-    ("child", "children", "Kind", "Kinder", "n"), ("woman", "women", "Frau", "Frauen", "f"),
-    ("man", "men", "Mann", "Männer", "m"), ("book", "books", "Buch", "Bücher", "n"),
-    ("tree", "trees", "Baum", "Bäume", "m"), ("city", "cities", "Stadt", "Städte", "f"),
-    ("teacher", "teachers", "Lehrer", "Lehrer", "m"), ("apple", "apples", "Apfel", "Äpfel", "m"),
-    ("bird", "birds", "Vogel", "Vögel", "m"), ("door", "doors", "Tür", "Türen", "f"),
-    ("table", "tables", "Tisch", "Tische", "m"), ("letter", "letters", "Brief", "Briefe", "m"),
-    ("friend", "friends", "Freund", "Freunde", "m"), ("school", "schools", "Schule", "Schulen", "f"),
-    ("horse", "horses", "Pferd", "Pferde", "n"), ("flower", "flowers", "Blume", "Blumen", "f"),
-    ("window", "windows", "Fenster", "Fenster", "n"), ("doctor", "doctors", "Arzt", "Ärzte", "m"),
-    ("girl", "girls", "Mädchen", "Mädchen", "n"), ("street", "streets", "Straße", "Straßen", "f"),
-    ("ball", "balls", "Ball", "Bälle", "m"), ("picture", "pictures", "Bild", "Bilder", "n"),
-]
+NOUNS = _table("""
+    dog      dogs      Hund     Hunde    m
+    cat      cats      Katze    Katzen   f
+    house    houses    Haus     Häuser   n
+    car      cars      Auto     Autos    n
+    child    children  Kind     Kinder   n
+    woman    women     Frau     Frauen   f
+    man      men       Mann     Männer   m
+    book     books     Buch     Bücher   n
+    tree     trees     Baum     Bäume    m
+    city     cities    Stadt    Städte   f
+    teacher  teachers  Lehrer   Lehrer   m
+    apple    apples    Apfel    Äpfel    m
+    bird     birds     Vogel    Vögel    m
+    door     doors     Tür      Türen    f
+    table    tables    Tisch    Tische   m
+    letter   letters   Brief    Briefe   m
+    friend   friends   Freund   Freunde  m
+    school   schools   Schule   Schulen  f
+    horse    horses    Pferd    Pferde   n
+    flower   flowers   Blume    Blumen   f
+    window   windows   Fenster  Fenster  n
+    doctor   doctors   Arzt     Ärzte    m
+    girl     girls     Mädchen  Mädchen  n
+    street   streets   Straße   Straßen  f
+    ball     balls     Ball     Bälle    m
+    picture  pictures  Bild     Bilder   n
+""")
 # english, german stem
 ADJECTIVES = [
     ("small", "klein"), ("big", "groß"), ("red", "rot"), ("old", "alt"), ("young", "jung"),
     ("new", "neu"), ("beautiful", "schön"), ("green", "grün"), ("fast", "schnell"), ("happy", "glücklich"),
 ]
 # english base, english 3sg, english past participle, german 3sg, german plural / infinitive, german participle
-VERBS = [
-    ("see", "sees", "seen", "sieht", "sehen", "gesehen"),
-    ("like", "likes", "liked", "mag", "mögen", "gemocht"),
-    ("find", "finds", "found", "findet", "finden", "gefunden"),
-    ("buy", "buys", "bought", "kauft", "kaufen", "gekauft"),
-    ("paint", "paints", "painted", "malt", "malen", "gemalt"),
-    ("visit", "visits", "visited", "besucht", "besuchen", "besucht"),
-    ("hear", "hears", "heard", "hört", "hören", "gehört"),
-    ("need", "needs", "needed", "braucht", "brauchen", "gebraucht"),
-    ("carry", "carries", "carried", "trägt", "tragen", "getragen"),
-    ("wash", "washes", "washed", "wäscht", "waschen", "gewaschen"),
-]
+VERBS = _table("""
+    see    sees     seen     sieht    sehen     gesehen
+    like   likes    liked    mag      mögen     gemocht
+    find   finds    found    findet   finden    gefunden
+    buy    buys     bought   kauft    kaufen    gekauft
+    paint  paints   painted  malt     malen     gemalt
+    visit  visits   visited  besucht  besuchen  besucht
+    hear   hears    heard    hört     hören     gehört
+    need   needs    needed   braucht  brauchen  gebraucht
+    carry  carries  carried  trägt    tragen    getragen
+    wash   washes   washed   wäscht   waschen   gewaschen
+""")
 ADVERBS = [("today", "heute"), ("often", "oft"), ("yesterday", "gestern"), ("sometimes", "manchmal")]
 PREPOSITIONS = [("in", "in"), ("with", "mit"), ("near", "bei")]
 

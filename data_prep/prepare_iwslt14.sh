@@ -8,9 +8,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 URL="http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"
 
-usage() {
-  cat <<EOF
-Usage: $SCRIPT_NAME [options] OUT_DIR
+USAGE="Usage: $SCRIPT_NAME [options] OUT_DIR
 
 Builds OUT_DIR/tok/{train,valid,test}.{de,en} (Moses-tokenized, lowercased words),
 OUT_DIR/subword/ (BPE codes or sentencepiece model, segmented text) and OUT_DIR/data-bin/ (fairseq
@@ -27,32 +25,20 @@ Options:
   --workers N          processes for tokenization and binarization (default 2)
   --force              rebuild OUT_DIR even if it is complete
   -h, --help           this message
-Environment: PYTHON (default: python3 of an active venv, else the repository's .venv).
-EOF
-}
+Environment: PYTHON (default: python3 of an active venv, else the repository's .venv)."
 
-ARCHIVE="" METHOD=bpe BPE_MERGES=10000 SPM_VOCAB=10000 MASK_TOKEN="<mask>" WORKERS=2 FORCE=0  # FORCE is read by lib.sh
-while [ $# -gt 0 ]; do
+ARCHIVE=""
+subword_defaults
+script_option() {  # see parse_options in lib.sh
   case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --archive) ARCHIVE=${2:?--archive needs a path}; shift 2 ;;
-    --spm) METHOD=spm; shift ;;
-    --bpe-merges) BPE_MERGES=${2:?}; shift 2 ;;
-    --spm-vocab-size) SPM_VOCAB=${2:?}; shift 2 ;;
-    --mask-token) MASK_TOKEN=${2:?}; shift 2 ;;
-    --workers) WORKERS=${2:?}; shift 2 ;;
-    --force) export FORCE=1; shift ;;
-    -*) die "unknown option $1 (see -h)" ;;
-    *) break ;;
+    --archive) ARCHIVE=${2:?--archive needs a path}; SHIFT=2 ;;
+    *) subword_option "$@" ;;
   esac
-done
-[ $# -eq 1 ] || { usage >&2; exit 2; }
-OUT=${1%/}
-require_int --bpe-merges "$BPE_MERGES" 1
-require_int --spm-vocab-size "$SPM_VOCAB" 1
-require_int --workers "$WORKERS" 1
-[[ "$MASK_TOKEN" =~ ^[^[:space:]]+$ ]] || die "--mask-token must be one word without spaces, got '$MASK_TOKEN'"
-SIZE=$([ "$METHOD" = bpe ] && echo "$BPE_MERGES" || echo "$SPM_VOCAB")
+}
+parse_options 1 "$@"
+OUT=${ARGS[0]%/}
+check_prepare_numbers
+require_word --mask-token "$MASK_TOKEN"
 SRC=de TGT=en
 
 find_python sacremoses subword_nmt sentencepiece fairseq_cli
@@ -92,9 +78,7 @@ tgt=$TGT
 lowercase=1
 clean=1-175 ratio 1.5
 valid=every 23rd training pair
-subword=$METHOD
-subword_size=$SIZE
-mask_token=$MASK_TOKEN"
+$(subword_settings)"
 check_existing_output "$OUT" "$SETTINGS"
 begin_output "$OUT"
 mkdir -p "$WORK/raw" "$WORK/tok"

@@ -6,9 +6,7 @@ SCRIPT_NAME=prepare_parallel.sh
 # shellcheck source=data_prep/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() {
-  cat <<EOF
-Usage: $SCRIPT_NAME [options] INPUT_DIR OUT_DIR
+USAGE="Usage: $SCRIPT_NAME [options] INPUT_DIR OUT_DIR
 
 INPUT_DIR holds untokenized, line-aligned {train,valid,test}.{SRC,TGT}. Builds
 OUT_DIR/tok/ (Moses-tokenized words), OUT_DIR/subword/ and OUT_DIR/data-bin/ exactly as
@@ -23,41 +21,28 @@ Options:
   --max-len N          (default 175)
   --ratio R            (default 1.5)
   --spm, --bpe-merges N, --spm-vocab-size N, --mask-token TOK, --workers N, --force, -h:
-                       as in prepare_iwslt14.sh
-EOF
-}
+                       as in prepare_iwslt14.sh"
 
 SRC=de TGT=en LOWERCASE=1 CLEAN=1 MAX_LEN=175 RATIO=1.5
-METHOD=bpe BPE_MERGES=10000 SPM_VOCAB=10000 MASK_TOKEN="<mask>" WORKERS=2 FORCE=0  # FORCE is read by lib.sh
-while [ $# -gt 0 ]; do
+subword_defaults
+script_option() {  # see parse_options in lib.sh
   case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --src) SRC=${2:?}; shift 2 ;;
-    --tgt) TGT=${2:?}; shift 2 ;;
-    --no-lowercase) LOWERCASE=0; shift ;;
-    --no-clean) CLEAN=0; shift ;;
-    --max-len) MAX_LEN=${2:?}; shift 2 ;;
-    --ratio) RATIO=${2:?}; shift 2 ;;
-    --spm) METHOD=spm; shift ;;
-    --bpe-merges) BPE_MERGES=${2:?}; shift 2 ;;
-    --spm-vocab-size) SPM_VOCAB=${2:?}; shift 2 ;;
-    --mask-token) MASK_TOKEN=${2:?}; shift 2 ;;
-    --workers) WORKERS=${2:?}; shift 2 ;;
-    --force) export FORCE=1; shift ;;
-    -*) die "unknown option $1 (see -h)" ;;
-    *) break ;;
+    --src) SRC=${2:?}; SHIFT=2 ;;
+    --tgt) TGT=${2:?}; SHIFT=2 ;;
+    --no-lowercase) LOWERCASE=0; SHIFT=1 ;;
+    --no-clean) CLEAN=0; SHIFT=1 ;;
+    --max-len) MAX_LEN=${2:?}; SHIFT=2 ;;
+    --ratio) RATIO=${2:?}; SHIFT=2 ;;
+    *) subword_option "$@" ;;
   esac
-done
-[ $# -eq 2 ] || { usage >&2; exit 2; }
-IN=${1%/} OUT=${2%/}
-require_int --bpe-merges "$BPE_MERGES" 1
-require_int --spm-vocab-size "$SPM_VOCAB" 1
-require_int --workers "$WORKERS" 1
+}
+parse_options 2 "$@"
+IN=${ARGS[0]%/} OUT=${ARGS[1]%/}
+check_prepare_numbers
 require_int --max-len "$MAX_LEN" 1
 awk -v r="$RATIO" 'BEGIN { exit !(r ~ /^[0-9]+([.][0-9]*)?$/ && r + 0 >= 1) }' || die "--ratio must be a number >= 1, got '$RATIO'"
-[[ "$MASK_TOKEN" =~ ^[^[:space:]]+$ ]] || die "--mask-token must be one word without spaces, got '$MASK_TOKEN'"
+require_word --mask-token "$MASK_TOKEN"
 [[ "$SRC" =~ ^[A-Za-z_-]+$ && "$TGT" =~ ^[A-Za-z_-]+$ && "$SRC" != "$TGT" ]] || die "--src and --tgt must be two different language codes, got '$SRC' and '$TGT'"
-SIZE=$([ "$METHOD" = bpe ] && echo "$BPE_MERGES" || echo "$SPM_VOCAB")
 
 [ -d "$IN" ] || die "input directory not found: $IN"
 for split in train valid test; do
@@ -75,9 +60,7 @@ src=$SRC
 tgt=$TGT
 lowercase=$LOWERCASE
 clean=$([ "$CLEAN" = 1 ] && echo "1-$MAX_LEN ratio $RATIO" || echo none)
-subword=$METHOD
-subword_size=$SIZE
-mask_token=$MASK_TOKEN"
+$(subword_settings)"
 check_existing_output "$OUT" "$SETTINGS"
 begin_output "$OUT"
 mkdir -p "$WORK/raw" "$WORK/tok"
