@@ -30,9 +30,9 @@ setup(
     extras_require={"test": ["pytest>=7"]},
     entry_points={
         "console_scripts": [
-            "fairseq-reweight-gradcheck = fairseq_reweight.gradcheck:cli_main",
-            "fairseq-reweight-inspect = fairseq_reweight.inspect:cli_main",
-            "fairseq-reweight-influence = fairseq_reweight.influence:cli_main",
+            "fairseq-reweight-gradcheck = fairseq_reweight.cli.gradcheck:cli_main",
+            "fairseq-reweight-inspect = fairseq_reweight.cli.inspect_teacher:cli_main",
+            "fairseq-reweight-influence = fairseq_reweight.cli.influence:cli_main",
         ]
     },
 )

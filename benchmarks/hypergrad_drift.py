@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from fairseq_reweight.hypergrad import RecordingSGD, StepRecord, reverse_hypergradient
-from fairseq_reweight.teacher import Teacher, normalize_weights
+from fairseq_reweight.core import RecordingSGD, StepRecord, reverse_hypergradient
+from fairseq_reweight.core.teacher import Teacher, normalize_weights
 
 
 class MLP(nn.Module):

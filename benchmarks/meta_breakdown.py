@@ -34,8 +34,8 @@ def main():
         model_flags = cost.CPU_SMALL + model_flags
     logging.disable(logging.WARNING)
     sys.path.insert(0, cost.REPO)
-    from fairseq_reweight import replay
-    from fairseq_reweight.hypergrad import reverse
+    from fairseq_reweight.nmt import replay
+    from fairseq_reweight.core import reverse
 
     cuda = torch.cuda.is_available() and "--cpu" not in model_flags
     times = {}
@@ -56,8 +56,8 @@ def main():
         setattr(owner, name, wrapper)
 
     timed(replay.Replay, "validation_gradient", "validation gradient")
-    timed(reverse, "_replay_step", "replayed step, double backward")
-    timed(reverse, "_teacher_step", "oldest replayed step, forward-mode")
+    timed(reverse, "gradient_vjp", "replayed step, double backward")
+    timed(reverse, "teacher_vjp", "oldest replayed step, forward-mode")
 
     flags = cost.training_flags(model_flags)[1] + ["--reweight-interval", str(args.interval),
                                                     "--reweight-backprop-steps", str(args.backprop_steps)]

@@ -2,24 +2,19 @@
 
 Use as a fairseq user dir: ``fairseq-train DATA --user-dir fairseq_reweight --task
 reweight_translation --criterion reweighted_cross_entropy --optimizer reweight_sgd ...``.
-The hypergradient core (:mod:`fairseq_reweight.hypergrad`) and the teacher
-(:mod:`fairseq_reweight.teacher`) are plain PyTorch and also serve the image path
-(:mod:`fairseq_reweight.vision`), which does not need fairseq.
+
+Layers: :mod:`fairseq_reweight.core` (plain PyTorch: the hypergradient, the teacher, metrics),
+:mod:`fairseq_reweight.nmt` (the fairseq components), :mod:`fairseq_reweight.cli` (commands),
+:mod:`fairseq_reweight.vision` (the image path, no fairseq).
 """
 __version__ = "0.1.0"
 
 try:
     import fairseq  # noqa: F401
-except ImportError:  # the plain-PyTorch parts work without fairseq
+except ImportError:  # the core and the image path work without fairseq
     fairseq = None
 
 if fairseq is not None:
-    from fairseq_reweight.checkpoint_compat import allow_fairseq_checkpoints
-    from fairseq_reweight.errors import install_excepthook
-
-    allow_fairseq_checkpoints()
-    install_excepthook()
     # fairseq only auto-imports the tasks/ and models/ sub-packages of a user dir, and only on the
     # first import: register every component here.
-    from fairseq_reweight import criterions, optim  # noqa: F401,E402
-    from fairseq_reweight.tasks import reweight_translation  # noqa: F401,E402
+    from fairseq_reweight import nmt  # noqa: F401,E402

@@ -21,7 +21,7 @@ BASE = TINY_TRANSFORMER + REWEIGHT + [
 
 def _state(path):
     state = torch.load(path)
-    return state["model"], {k: v for k, v in state["criterion"].items() if k.startswith("reweight.teacher.")}
+    return state["model"], {k: v for k, v in state["criterion"].items() if k.startswith("reweight.weigher.teacher.")}
 
 
 def _assert_equal(a, b):

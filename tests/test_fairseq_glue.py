@@ -48,7 +48,7 @@ def test_reweighted_run_checkpoint_generate_bleu(tiny_data_bin, tmp_path):
     logged = {k for s in _inner(stats) for k in s}
     assert {"meta_val_loss", "teacher_gnorm", "meta_time", "w_mean", "w_std"} <= logged
     state = torch.load(save / "checkpoint_last.pt")  # safe loader (weights_only) with our allow-list
-    teacher = {k: v for k, v in state["criterion"].items() if k.startswith("reweight.teacher.")}
+    teacher = {k: v for k, v in state["criterion"].items() if k.startswith("reweight.weigher.teacher.")}
     assert teacher and any(v.abs().sum() > 0 for v in teacher.values()), "teacher never updated"
     # meta-updates run at the start of updates 3 and 6 (K = 3; training stops at 9)
     assert state["criterion"]["reweight._extra_state"]["num_meta_updates"] == 2
@@ -102,7 +102,7 @@ def test_meta_valid_loss_is_the_criterion_or_the_plain_nll(tiny_data_bin):
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    from fairseq_reweight.replay import Replay
+    from fairseq_reweight.nmt.replay import Replay
 
     args = options.parse_args_and_arch(options.get_training_parser(), [tiny_data_bin] + COMMON + REWEIGHT)
     cfg = convert_namespace_to_omegaconf(args)
@@ -116,7 +116,7 @@ def test_meta_valid_loss_is_the_criterion_or_the_plain_nll(tiny_data_bin):
     student = SimpleNamespace(replay_model=model, device=params[0].device,
                               param_dict=lambda ps: dict(zip([n for n, _ in model.named_parameters()], ps)))
     for kind, key in (("criterion", "loss"), ("nll", "nll_loss")):
-        value = Replay(student, criterion, [], 1, valid_loss=kind).validation_loss(sample, params)
+        value = Replay(student, criterion, {}, 1, valid_loss=kind).validation_loss(sample, params)
         assert float(value) == pytest.approx(float(logged[key]) / sample["ntokens"], rel=1e-6)
     assert float(logged["loss"]) > float(logged["nll_loss"])  # label smoothing is on
 

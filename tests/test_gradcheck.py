@@ -1,9 +1,9 @@
-"""python -m fairseq_reweight.gradcheck on a tiny fairseq Transformer (float64, CPU)."""
+"""python -m fairseq_reweight.cli.gradcheck on a tiny fairseq Transformer (float64, CPU)."""
 import pytest
 
 from conftest import USER_DIR
 from fairseq_helpers import TINY_TRANSFORMER
-from fairseq_reweight.gradcheck import cli_main
+from fairseq_reweight.cli.gradcheck import cli_main
 
 ARGS = TINY_TRANSFORMER + [
     "--user-dir", USER_DIR, "--task", "reweight_translation", "--criterion", "reweighted_cross_entropy",

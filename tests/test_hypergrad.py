@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from fairseq_reweight.hypergrad import (
+from fairseq_reweight.core import (
     RecordingSGD,
     StepRecord,
     math_attention,
@@ -21,7 +21,7 @@ from fairseq_reweight.hypergrad import (
     unroll_steps,
     unrolled_hypergradient,
 )
-from fairseq_reweight.teacher import Teacher, normalize_weights
+from fairseq_reweight.core.teacher import Teacher, normalize_weights
 
 NUM_STEPS = 5
 LRS = [0.3, 0.2, 0.25, 0.15, 0.1]

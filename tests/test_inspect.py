@@ -13,12 +13,11 @@ import torch.nn.functional as F
 import fairseq_reweight  # noqa: F401  (registers the components)
 from conftest import REPO, binarize, write_parallel_corpus
 from fairseq_helpers import REWEIGHT, TINY_TRANSFORMER, inner_stats, run_train
-from fairseq_reweight import influence as influence_cmd
-from fairseq_reweight import inspect as inspect_cmd
-from fairseq_reweight.errors import ReweightConfigError
-from fairseq_reweight.noise_auc import (
-    NoiseAucMonitor, noise_summary, read_noise_sidecar, roc_auc_low_weight_noisy, select_sentences,
-)
+from fairseq_reweight.cli import influence as influence_cmd
+from fairseq_reweight.cli import inspect_teacher as inspect_cmd
+from fairseq_reweight.core.errors import ReweightConfigError
+from fairseq_reweight.core.metrics import noise_summary, read_noise_sidecar, roc_auc_low_weight_noisy, select_sentences
+from fairseq_reweight.nmt.noise_monitor import NoiseAucMonitor
 
 TRAIN = TINY_TRANSFORMER + REWEIGHT + [
     "--lr", "0.05", "--momentum", "0.9", "--label-smoothing", "0.1", "--clip-norm", "1.0",
@@ -170,7 +169,7 @@ def test_inspect_writes_tables_plots_and_the_auc(trained, noisy_bin, tmp_path, c
 def test_weights_match_a_hand_computed_teacher_and_do_not_depend_on_batching(trained, noisy_bin, tmp_path):
     loaded = inspect_cmd.load_teacher_checkpoint(trained["with"], noisy_bin, use_cuda=False)
     teacher = loaded.driver.teacher
-    assert loaded.driver.features == ["encoder", "label"] and teacher.mlp is None
+    assert loaded.driver.weigher.features == ["encoder", "label"] and teacher.mlp is None
     loaded.task.load_dataset("train")
     dataset = loaded.task.dataset("train")
     sample = dataset.collater([dataset[5]])
@@ -207,7 +206,7 @@ def test_in_training_monitor_agrees_with_inspect(trained, noisy_bin, tmp_path):
     loaded.task.load_dataset("train")
     cfg = loaded.task.cfg
     assert cfg.reweight_noise_sidecar.endswith("train.noise") and cfg.reweight_noise_auc_interval == 1
-    monitor = NoiseAucMonitor(cfg, loaded.task, loaded.model)
+    monitor = NoiseAucMonitor(cfg, loaded.task)
     assert len(monitor.indices) == N_TRAIN  # fewer than MONITOR_MAX_SENTENCES: all of them
     loaded.model.train()
     rng = torch.get_rng_state()
@@ -221,7 +220,7 @@ def test_in_training_monitor_agrees_with_inspect(trained, noisy_bin, tmp_path):
 
 def test_command_line_error_is_one_line(noisy_bin, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "fairseq_reweight.inspect", noisy_bin, "--path", str(tmp_path / "missing.pt")],
+        [sys.executable, "-m", "fairseq_reweight.cli.inspect_teacher", noisy_bin, "--path", str(tmp_path / "missing.pt")],
         cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 1

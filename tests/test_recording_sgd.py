@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fairseq_reweight.hypergrad import RecordingSGD, StepRecord
+from fairseq_reweight.core import RecordingSGD, StepRecord
 
 LRS = [0.1, 0.05, 0.2, 0.07, 0.12, 0.03]
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from fairseq_reweight.hypergrad import substitute_parameters
+from fairseq_reweight.core import substitute_parameters
 
 
 class Tied(nn.Module):

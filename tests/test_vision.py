@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from fairseq_reweight.errors import ReweightConfigError
-from fairseq_reweight.hypergrad import RecordingSGD
+from fairseq_reweight.core.errors import ReweightConfigError
+from fairseq_reweight.core import RecordingSGD
 from fairseq_reweight.vision.cifar import (
     corrupt_labels,
     load_cifar,

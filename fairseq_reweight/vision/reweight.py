@@ -29,13 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from fairseq_reweight.errors import ReweightConfigError
-from fairseq_reweight.hypergrad import RecordingSGD, StepRecord, reverse_hypergradient
-from fairseq_reweight.teacher import Teacher, normalize_weights
+from fairseq_reweight.core import RecordingSGD, StepRecord, reverse_hypergradient
+from fairseq_reweight.core.errors import ReweightConfigError
+from fairseq_reweight.core.features import SURFACE_COLUMNS, TrainingState, surface_features, teacher_inputs
+from fairseq_reweight.core.teacher import Teacher, apply_teacher_gradient, normalize_weights
 
 TEACHER_KINDS = ("none", "deep", "surface", "deep+surface")
-SURFACE_FEATURES = ("progress", "mean_train_loss", "best_valid_acc", "example_loss",
-                    "predicted_is_label", "margin")
 
 
 @dataclass
@@ -75,30 +74,18 @@ class ExampleWeigher(nn.Module):
             raise ReweightConfigError(f"unknown teacher {kind!r}: choose one of {TEACHER_KINDS}")
         self.deep = kind in ("deep", "deep+surface")
         self.surface = kind in ("surface", "deep+surface")
-        dense = feature_dim * self.deep + len(SURFACE_FEATURES) * self.surface
-        self.teacher = Teacher(dense, num_classes if self.deep else 0, hidden_layers,
-                               normalize_features=False)
+        dense = feature_dim * self.deep + len(SURFACE_COLUMNS) * self.surface
+        self.teacher = Teacher(dense, num_classes if self.deep else 0, hidden_layers)
 
     def forward(self, features: Tensor, logits: Tensor, labels: Tensor, losses: Tensor,
                 context: StepData) -> Tensor:
         """Weights in (0, 1) before normalisation, one per example (inputs should be detached)."""
-        parts = []
-        if self.deep:
-            parts.append(F.layer_norm(features, features.shape[-1:]))  # I0
-        if self.surface:
-            parts.append(surface_features(logits, labels, losses, context))  # M1
-        return self.teacher(torch.cat(parts, dim=-1), labels if self.deep else None)
-
-
-def surface_features(logits: Tensor, labels: Tensor, losses: Tensor, context: StepData) -> Tensor:
-    """N x 6 surface features, in the order of ``SURFACE_FEATURES``."""
-    probs = logits.softmax(dim=-1)
-    label_prob = probs.gather(1, labels[:, None])  # N x 1
-    best_other = probs.scatter(1, labels[:, None], 0.0).amax(dim=1, keepdim=True)
-    correct = (logits.argmax(dim=1) == labels).to(logits.dtype)[:, None]
-    shared = logits.new_tensor([context.progress, context.mean_train_loss, context.best_valid_acc])
-    return torch.cat([shared.expand(len(labels), 3), losses[:, None], correct,
-                      label_prob - best_other], dim=1)
+        surface = None
+        if self.surface:  # M1
+            state = TrainingState(context.progress, context.mean_train_loss, context.best_valid_acc)
+            surface = surface_features(logits.log_softmax(-1), labels, state, SURFACE_COLUMNS, losses)
+        dense = teacher_inputs([features] if self.deep else [], surface, features.dtype)  # I0 (+ M1)
+        return self.teacher(dense, labels if self.deep else None)
 
 
 class _ReplayRNG:
@@ -178,8 +165,5 @@ def teacher_update(model: nn.Module, optimizer: RecordingSGD, weigher: ExampleWe
     """One teacher step on the hypergradient; returns the validation loss at theta_K."""
     val_loss, grads = teacher_hypergradient(model, optimizer, weigher, val_inputs, val_labels,
                                             backprop_steps, mode)
-    teacher_optimizer.zero_grad(set_to_none=True)
-    for weight, grad in zip(weigher.parameters(), grads):
-        weight.grad = grad
-    teacher_optimizer.step()
+    apply_teacher_gradient(weigher, teacher_optimizer, grads)
     return val_loss

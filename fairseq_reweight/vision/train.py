@@ -25,15 +25,18 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fairseq_reweight.errors import ReweightConfigError
-from fairseq_reweight.hypergrad import RecordingSGD, StepRecord
+from fairseq_reweight.core import RecordingSGD
+from fairseq_reweight.core.checks import check_reversible, check_schedule
+from fairseq_reweight.core.errors import ReweightConfigError
+from fairseq_reweight.core.metrics import roc_auc_low_weight_noisy
+from fairseq_reweight.vision.checkpoint import load_checkpoint, save_checkpoint
 from fairseq_reweight.vision.cifar import NOISE_KINDS, ImageSplits, load_cifar, random_crop_flip
 from fairseq_reweight.vision.resnet import build_student
 from fairseq_reweight.vision.reweight import (
@@ -47,8 +50,6 @@ from fairseq_reweight.vision.reweight import (
 logger = logging.getLogger("fairseq_reweight.vision.train")
 
 VALID_SIZE = {"cifar10": 5000, "cifar100": 5000, "digits": 100}
-RESUME_KEYS = ("dataset", "noise", "noise_rate", "seed", "arch", "depth", "width", "teacher",
-               "batch_size", "valid_size", "reweight_backprop_steps", "history_mode")
 
 
 @torch.no_grad()
@@ -69,8 +70,6 @@ def noise_auc(model: nn.Module, weigher: Optional[ExampleWeigher], splits: Image
               indices: Tensor, context: StepData, batch_size: int = 500):
     """ROC AUC of "low teacher weight => noisy label" and of "high loss => noisy label" on
     ``indices`` of the training split (eval-mode features); None where undefined."""
-    from sklearn.metrics import roc_auc_score
-
     model.eval()
     weights, losses = [], []
     for start in range(0, len(indices), batch_size):
@@ -85,8 +84,8 @@ def noise_auc(model: nn.Module, weigher: Optional[ExampleWeigher], splits: Image
     noisy = (splits.train_labels[indices] != splits.train_clean_labels[indices]).cpu().numpy()
     if noisy.all() or not noisy.any():
         return None, None
-    teacher = float(roc_auc_score(noisy, -torch.cat(weights).numpy())) if weights else None
-    return teacher, float(roc_auc_score(noisy, torch.cat(losses).numpy()))
+    teacher = roc_auc_low_weight_noisy(torch.cat(weights).numpy(), noisy) if weights else None
+    return teacher, roc_auc_low_weight_noisy(-torch.cat(losses).numpy(), noisy)  # high loss => noisy
 
 
 def load_data(args) -> ImageSplits:
@@ -103,60 +102,6 @@ def load_data(args) -> ImageSplits:
                           args.seed, args.download)
     except FileNotFoundError as error:
         raise ReweightConfigError(str(error)) from error
-
-
-def _record_to_dict(record: StepRecord) -> dict:
-    return {**asdict(record), "data": asdict(record.data)}
-
-
-def _dict_to_record(state: dict) -> StepRecord:
-    return StepRecord(**{**state, "data": StepData(**state["data"])})
-
-
-def save_checkpoint(path: str, model, optimizer, weigher, teacher_optimizer, progress: dict, args):
-    """Everything needed to continue exactly: weights, optimizers, last B steps, RNG, counters."""
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "history": [_record_to_dict(r) for r in optimizer.history],
-        "teacher": weigher.state_dict() if weigher is not None else None,
-        "teacher_optimizer": teacher_optimizer.state_dict() if teacher_optimizer else None,
-        "progress": progress,
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "args": {k: getattr(args, k) for k in RESUME_KEYS},
-    }
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path: str, model, optimizer, weigher, teacher_optimizer, args) -> dict:
-    """Restores a :func:`save_checkpoint` file in place; returns its progress counters."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = state["args"]
-    changed = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in RESUME_KEYS
-               if saved.get(k) != getattr(args, k)]
-    if changed:
-        raise ReweightConfigError(f"{path} was trained with other settings ({'; '.join(changed)}): "
-                                  "use the same options or another --save-dir")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    device = next(model.parameters()).device
-    optimizer.history.clear()
-    for record in state["history"]:
-        record["data"] = {k: v.to(device) if isinstance(v, Tensor) and "rng" not in k else v
-                          for k, v in record["data"].items()}
-        for key in ("params", "momentum_buffers"):  # stored only in checkpoint mode
-            if record[key] is not None:
-                record[key] = [t.to(device) for t in record[key]]
-        optimizer.history.append(_dict_to_record(record))
-    if weigher is not None:
-        weigher.load_state_dict(state["teacher"])
-        teacher_optimizer.load_state_dict(state["teacher_optimizer"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["progress"]
 
 
 @dataclass
@@ -370,14 +315,9 @@ def check_args(args):
     if args.noise == "none" and args.noise_rate:
         raise ReweightConfigError(f"--noise-rate {args.noise_rate} given with --noise none: "
                                   "pick --noise uniform or flip")
-    interval, backprop = args.reweight_interval, args.reweight_backprop_steps
-    if interval < 1 or not 1 <= backprop <= interval:
-        raise ReweightConfigError(f"need 1 <= --reweight-backprop-steps ({backprop}) <= "
-                                  f"--reweight-interval ({interval})")
-    if args.teacher != "none" and args.history_mode == "reverse" and args.momentum <= 0:
-        raise ReweightConfigError(f"--history-mode reverse undoes momentum steps and needs "
-                                  f"--momentum > 0, got {args.momentum}: use --history-mode "
-                                  "checkpoint")
+    check_schedule(args.reweight_interval, args.reweight_backprop_steps)
+    if args.teacher != "none":
+        check_reversible(args.history_mode, args.momentum, "--history-mode")
     if args.resume and not args.save_dir:
         raise ReweightConfigError("--resume needs --save-dir (where checkpoint_last.pt is)")
     if args.epochs < 1 or args.batch_size < 1 or args.log_interval < 1:
@@ -389,7 +329,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
 
 def cli_main():
-    from fairseq_reweight.errors import install_excepthook
+    from fairseq_reweight.core.errors import install_excepthook
 
     install_excepthook()
     logging.basicConfig(format="%(asctime)s | %(message)s", datefmt="%H:%M:%S", level=logging.INFO)

@@ -1,12 +1,12 @@
 """What did the teacher learn? Per-sentence and per-token weights of a reweight checkpoint.
 
-    python -m fairseq_reweight.inspect DATA --path CHECKPOINT [--noise-sidecar DATA/train.noise] \\
+    fairseq-reweight-inspect DATA --path CHECKPOINT [--noise-sidecar DATA/train.noise] \\
         [--subset train] [--max-sentences 5000] [--max-tokens 4096] [--cpu] [--out DIR]
 
 (also installed as ``fairseq-reweight-inspect``). Loads the student and its teacher from a checkpoint
 trained with ``--task reweight_translation`` and a teacher, runs the teacher over (a random subset of)
 a split of DATA as training computes its inputs, with the student in eval mode (see
-:mod:`fairseq_reweight.noise_auc`), and writes to ``--out``:
+:mod:`fairseq_reweight.nmt.noise_monitor`), and writes to ``--out``:
 
 - ``weights.tsv``: one row per sentence: ``id`` (data-bin line), ``noisy`` (with a sidecar),
   ``n_tokens`` (target tokens, eos included), ``mean_weight`` (mean raw teacher weight of its
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import numpy as np
+
+from fairseq_reweight.cli.common import add_checkpoint_arguments, command, resolve_sidecar
 
 PLOT_NAMES = ("weight_hist.png", "weight_vs_loss.png", "weight_by_frequency.png")
 
@@ -53,7 +55,7 @@ def load_teacher_checkpoint(path: str, data: str, use_cuda: bool) -> LoadedTeach
     import fairseq_reweight  # noqa: F401  (registers the components and the safe-loading allow-list)
     from fairseq import checkpoint_utils
 
-    from fairseq_reweight.errors import ReweightConfigError, check_checkpoint_and_data
+    from fairseq_reweight.cli.common import ReweightConfigError, check_checkpoint_and_data
 
     check_checkpoint_and_data(path, data)
     state = checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides={"data": data})
@@ -65,7 +67,7 @@ def load_teacher_checkpoint(path: str, data: str, use_cuda: bool) -> LoadedTeach
             f"checkpoint {path} has no teacher (trained with {how}): give a checkpoint trained with "
             "--task reweight_translation --reweight-teacher deep or surface"
         )
-    if not any(key.startswith("reweight.teacher.") for key in (state.get("criterion") or {})):
+    if not any(key.startswith("reweight.weigher.teacher.") for key in (state.get("criterion") or {})):
         raise ReweightConfigError(
             f"checkpoint {path} holds no teacher parameters in its criterion state: give a checkpoint "
             "written by fairseq-train with --task reweight_translation and a teacher"
@@ -79,7 +81,7 @@ def load_teacher_checkpoint(path: str, data: str, use_cuda: bool) -> LoadedTeach
     criterion = task.build_criterion(cfg.criterion)
     criterion.load_state_dict(criterion_state, strict=True)
     driver = task.driver
-    driver._update_num = num_updates  # the "progress" feature, as at the checkpoint's last update
+    driver.update_num = num_updates  # the "progress" feature, as at the checkpoint's last update
     if use_cuda:
         model.cuda()
         criterion.cuda()
@@ -223,10 +225,9 @@ def run(args) -> dict:
 
     from fairseq import utils
 
-    from fairseq_reweight.errors import ReweightConfigError
-    from fairseq_reweight.noise_auc import (
-        noise_summary, read_noise_sidecar, score_sentences, select_sentences, spearman,
-    )
+    from fairseq_reweight.core.errors import ReweightConfigError
+    from fairseq_reweight.core.metrics import noise_summary, read_noise_sidecar, select_sentences, spearman
+    from fairseq_reweight.nmt.noise_monitor import score_sentences
 
     if args.max_sentences is not None and args.max_sentences < 1:
         raise ReweightConfigError(f"--max-sentences must be >= 1, got {args.max_sentences}")
@@ -298,30 +299,13 @@ def run(args) -> dict:
     return result
 
 
-def add_sidecar_arguments(parser) -> None:
-    """``--noise-sidecar`` / ``--no-noise-sidecar`` of the inspection commands."""
-    parser.add_argument("--noise-sidecar", default=None,
-                        help="0/1 noise labels, one line per sentence of the split (default: DATA/<subset>.noise if it exists)")
-    parser.add_argument("--no-noise-sidecar", action="store_true", help="do not look for DATA/<subset>.noise")
-
-
-def resolve_sidecar(args) -> Optional[str]:
-    """The sidecar those options name: ``--noise-sidecar``, else ``DATA/<subset>.noise`` if it exists."""
-    if args.noise_sidecar is not None or args.no_noise_sidecar:
-        return args.noise_sidecar
-    default = os.path.join(args.data, f"{args.subset}.noise")
-    return default if os.path.isfile(default) else None
-
-
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="python -m fairseq_reweight.inspect",
+        prog="fairseq-reweight-inspect",
         description="Run the teacher of a reweight checkpoint over a split; write per-sentence and per-token "
         "weights and losses (TSV), plots (PNG) and, with a noise sidecar, the ROC AUC of 'low weight => noisy'.",
     )
-    parser.add_argument("data", help="fairseq data-bin directory (as for fairseq-train)")
-    parser.add_argument("--path", required=True, help="checkpoint trained with --task reweight_translation and a teacher")
-    add_sidecar_arguments(parser)
+    add_checkpoint_arguments(parser, "checkpoint trained with --task reweight_translation and a teacher")
     parser.add_argument("--subset", default="train", help="split to score (default train)")
     parser.add_argument("--max-sentences", type=int, default=None,
                         help="score a random subset of this many sentences (default: all)")
@@ -333,19 +317,7 @@ def build_parser():
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> dict:
-    """Parse the arguments and :func:`run` (no logging set-up: for calling in-process)."""
-    args = build_parser().parse_args(argv)
-    if args.out is None:
-        args.out = os.path.join(os.path.dirname(os.path.abspath(args.path)), f"inspect_{args.subset}")
-    return run(args)
-
-
-def cli_main(argv: Optional[List[str]] = None):
-    """The command: warnings only on stderr, one-line errors (``fairseq-reweight-inspect``)."""
-    from fairseq_reweight.errors import run_command
-
-    run_command(main, argv)
+main, cli_main = command(build_parser, run, "inspect")  # cli_main: fairseq-reweight-inspect
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Check the teacher's hypergradient on *your* model before a long run.
 
-    python -m fairseq_reweight.gradcheck DATA --user-dir fairseq_reweight --task reweight_translation \\
+    fairseq-reweight-gradcheck DATA --user-dir fairseq_reweight --task reweight_translation \\
         --criterion reweighted_cross_entropy --optimizer reweight_sgd --momentum 0.9 --lr 0.001 \\
         --arch transformer_iwslt_de_en --max-tokens 512 --reweight-backprop-steps 2 [any fairseq option]
 
@@ -19,7 +19,7 @@ from unittest import mock
 
 import torch
 
-logger = logging.getLogger("fairseq_reweight.gradcheck")
+logger = logging.getLogger("fairseq_reweight.cli.gradcheck")
 
 
 def relative_errors(ours, reference):
@@ -50,8 +50,9 @@ def run(args) -> float:
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq.trainer import Trainer
 
-    from fairseq_reweight.errors import ReweightConfigError
-    from fairseq_reweight.hypergrad import unrolled_hypergradient, reverse_hypergradient
+    from fairseq_reweight.core import unrolled_hypergradient
+    from fairseq_reweight.core.errors import ReweightConfigError
+    from fairseq_reweight.nmt.replay import replay_session, teacher_hypergradient
 
     parser = options.get_training_parser()
     fairseq_args = options.parse_args_and_arch(parser, args.fairseq_args + ["--cpu"])
@@ -74,25 +75,21 @@ def run(args) -> float:
     batches = epoch_itr.next_epoch_itr(shuffle=True, fix_batches_to_gpus=False)
     update_freq = cfg.optimization.update_freq[0]
     num_steps = cfg.task.reweight_backprop_steps
-    with mock.patch.object(fairseq_utils, "clip_grad_norm_", _clip_grad_norm_float64):
+    # the check compares the teacher gradient at these B steps: no teacher step in between (B = K)
+    with mock.patch.object(fairseq_utils, "clip_grad_norm_", _clip_grad_norm_float64), \
+            mock.patch.object(driver, "meta_update", lambda *args, **kwargs: None):
         for _ in range(num_steps):
             trainer.train_step([next(batches) for _ in range(update_freq)])
     val_sample = next(task.meta_valid_batches())
-    steps = list(driver._recorder.history)[-num_steps:]
-    if len(steps) != num_steps:
-        raise RuntimeError(f"expected {num_steps} recorded steps, got {len(steps)}")
-    with driver.replaying(trainer.model, criterion, trainer.get_num_updates()) as replay:
-        student = replay.student
+    steps = driver.recorder.window()
+    if steps is None:
+        raise RuntimeError(f"expected {num_steps} recorded steps")
+    mode = cfg.task.reweight_history
+    with replay_session(trainer.model, criterion, driver.teacher, driver.recorder.optimizer, cfg.common.seed,
+                        cfg.task.meta_valid_loss, trainer.get_num_updates()) as replay:
         _, val_grad = replay.validation_gradient(val_sample)
-        records = [student.convert_record(s) for s in steps]
         # as training computes it (the oldest step by forward-mode AD), and all by double backward
-        reverse, full = (
-            reverse_hypergradient(
-                student.theta(), student.momentum(), replay.omega, records, replay.loss_fn, val_grad,
-                mode=cfg.task.reweight_history, teacher_grad_only=fast,
-            ).teacher_grad
-            for fast in (True, False)
-        )
+        reverse, full = (teacher_hypergradient(replay, steps, val_grad, mode, fast).teacher_grad for fast in (True, False))
         reference = unrolled_hypergradient(
             start, None, replay.omega, steps, replay.loss_fn,
             lambda params: replay.validation_loss(val_sample, params),
@@ -108,7 +105,7 @@ def run(args) -> float:
 
 def cli_main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m fairseq_reweight.gradcheck",
+        prog="fairseq-reweight-gradcheck",
         description="Compare the reverse-mode teacher gradient with unrolled autograd (float64, CPU) "
         "on your fairseq model; the remaining arguments are ordinary fairseq-train arguments.",
     )

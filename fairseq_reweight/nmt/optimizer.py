@@ -3,9 +3,9 @@
 The update is ``torch.optim.SGD``'s own arithmetic (PyTorch convention ``v <- mu v + g``,
 ``theta <- theta - lr v``, weight decay added to ``g``), so with no teacher a run is bit-identical to
 ``--optimizer sgd --momentum mu``. On top of it the wrapped
-:class:`~fairseq_reweight.hypergrad.RecordingSGD` exposes the momentum buffers and records the last B
+:class:`~fairseq_reweight.core.RecordingSGD` exposes the momentum buffers and records the last B
 steps (learning rate, momentum, weight decay, and in ``checkpoint`` mode the pre-step parameters and
-buffers) for :func:`~fairseq_reweight.hypergrad.reverse_hypergradient`. Under ``--fp16`` fairseq
+buffers) for :func:`~fairseq_reweight.core_hypergradient`. Under ``--fp16`` fairseq
 wraps this optimizer around fp32 master parameters, which are then what is recorded.
 """
 from dataclasses import dataclass, field
@@ -15,7 +15,7 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.optim import FairseqOptimizer, register_optimizer
 from omegaconf import II
 
-from fairseq_reweight.hypergrad import RecordingSGD
+from fairseq_reweight.core import RecordingSGD
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Which training tokens does the meta-objective want up-weighted? First-order influence at a checkpoint.
 
-    python -m fairseq_reweight.influence DATA --path CHECKPOINT [--noise-sidecar DATA/train.noise] \\
+    fairseq-reweight-influence DATA --path CHECKPOINT [--noise-sidecar DATA/train.noise] \\
         [--meta-valid-loss {criterion,nll}] [--max-sentences 2000] [--cpu] [--out DIR]
 
 (also installed as ``fairseq-reweight-influence``). For every target token i of (a random subset of)
@@ -40,6 +40,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from fairseq_reweight.cli.common import add_checkpoint_arguments, command, resolve_sidecar
+
 
 @dataclass
 class TokenInfluence:
@@ -58,7 +60,7 @@ def load_checkpoint(path: str, data: str, use_cuda: bool):
     import fairseq_reweight  # noqa: F401  (registers the components and the safe-loading allow-list)
     from fairseq import checkpoint_utils
 
-    from fairseq_reweight.errors import check_checkpoint_and_data
+    from fairseq_reweight.cli.common import check_checkpoint_and_data
 
     check_checkpoint_and_data(path, data)
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": data})
@@ -89,7 +91,7 @@ def validation_gradient(task, model, subset: str, eps: float, valid_loss: str, m
     from fairseq import utils
     from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
-    from fairseq_reweight.hypergrad.reverse import math_attention
+    from fairseq_reweight.core import math_attention
 
     dataset = task.dataset(subset)
     indices = dataset.ordered_indices()
@@ -114,7 +116,7 @@ def validation_gradient(task, model, subset: str, eps: float, valid_loss: str, m
         total_loss += float(objective.detach())
         total_tokens += int(sample["target"].ne(pad).sum())
     if total_tokens == 0:
-        from fairseq_reweight.errors import ReweightConfigError
+        from fairseq_reweight.core.errors import ReweightConfigError
 
         raise ReweightConfigError(f"validation split {subset!r} has no target tokens")
     return total_loss / total_tokens, {n: g / total_tokens for n, g in grads.items()}, total_tokens
@@ -128,8 +130,8 @@ def token_influence(model, dataset, indices, direction: dict, eps: float, pad: i
     from torch.autograd import forward_ad
     from fairseq import utils
 
-    from fairseq_reweight.hypergrad.reverse import math_attention
-    from fairseq_reweight.hypergrad.reparam import substitute_parameters
+    from fairseq_reweight.core import math_attention
+    from fairseq_reweight.core.reparam import substitute_parameters
 
     device = next(model.parameters()).device
     indices = np.asarray(indices, dtype=np.int64)
@@ -202,17 +204,33 @@ def group_table(result: TokenInfluence, token_noisy: Optional[np.ndarray], mask_
     return lines
 
 
+def write_tables(out_dir, result: TokenInfluence, tgt_dict, token_noisy, sentences):
+    """tokens.tsv and sentences.tsv; ``sentences`` = (ids, noisy or None, counts, mean loss, mean influence)."""
+    os.makedirs(out_dir, exist_ok=True)
+    tokens_path, sentences_path = os.path.join(out_dir, "tokens.tsv"), os.path.join(out_dir, "sentences.tsv")
+    with open(tokens_path, "w", encoding="utf-8") as f:
+        f.write("id\tposition\ttoken\tnoisy\tloss\tinfluence\tinfluence_random_label\n")
+        for k in range(len(result.tokens)):
+            noisy = "" if token_noisy is None else str(token_noisy[k])
+            f.write(f"{result.ids[k]}\t{result.positions[k]}\t{tgt_dict[int(result.tokens[k])]}\t{noisy}\t"
+                    f"{result.loss[k]:.6g}\t{result.influence[k]:.6g}\t{result.influence_random_label[k]:.6g}\n")
+    sent_ids, sent_noisy, sent_counts, sent_loss, sent_influence = sentences
+    with open(sentences_path, "w", encoding="utf-8") as f:
+        f.write("id\tnoisy\tn_tokens\tmean_loss\tmean_influence\n")
+        for k in range(len(sent_ids)):
+            noisy = "" if sent_noisy is None else str(sent_noisy[k])
+            f.write(f"{sent_ids[k]}\t{noisy}\t{sent_counts[k]}\t{sent_loss[k]:.6g}\t{sent_influence[k]:.6g}\n")
+    return tokens_path, sentences_path
+
+
 def run(args) -> dict:
     """Compute, write the outputs, return the figures (and print the table)."""
     import torch
 
     from fairseq import utils
 
-    from fairseq_reweight.errors import ReweightConfigError
-    from fairseq_reweight.noise_auc import (
-        read_noise_sidecar, roc_auc_low_weight_noisy, select_sentences, spearman,
-    )
-    from fairseq_reweight.inspect import resolve_sidecar
+    from fairseq_reweight.core.errors import ReweightConfigError
+    from fairseq_reweight.core.metrics import read_noise_sidecar, roc_auc_low_weight_noisy, select_sentences, spearman
 
     if args.max_sentences is not None and args.max_sentences < 1:
         raise ReweightConfigError(f"--max-sentences must be >= 1, got {args.max_sentences}")
@@ -244,19 +262,8 @@ def run(args) -> dict:
     sent_noisy = all_noisy[sent_ids].astype(np.int64) if all_noisy is not None else None
     mask_id = tgt_dict.index("<mask>") if "<mask>" in tgt_dict.indices else None
 
-    os.makedirs(args.out, exist_ok=True)
-    tokens_path, sentences_path = os.path.join(args.out, "tokens.tsv"), os.path.join(args.out, "sentences.tsv")
-    with open(tokens_path, "w", encoding="utf-8") as f:
-        f.write("id\tposition\ttoken\tnoisy\tloss\tinfluence\tinfluence_random_label\n")
-        for k in range(len(result.tokens)):
-            noisy = "" if token_noisy is None else str(token_noisy[k])
-            f.write(f"{result.ids[k]}\t{result.positions[k]}\t{tgt_dict[int(result.tokens[k])]}\t{noisy}\t"
-                    f"{result.loss[k]:.6g}\t{result.influence[k]:.6g}\t{result.influence_random_label[k]:.6g}\n")
-    with open(sentences_path, "w", encoding="utf-8") as f:
-        f.write("id\tnoisy\tn_tokens\tmean_loss\tmean_influence\n")
-        for k in range(len(sent_ids)):
-            noisy = "" if sent_noisy is None else str(sent_noisy[k])
-            f.write(f"{sent_ids[k]}\t{noisy}\t{sent_counts[k]}\t{sent_loss[k]:.6g}\t{sent_influence[k]:.6g}\n")
+    tokens_path, sentences_path = write_tables(args.out, result, tgt_dict, token_noisy,
+                                               (sent_ids, sent_noisy, sent_counts, sent_loss, sent_influence))
 
     objective = "label-smoothed cross-entropy" if args.meta_valid_loss == "criterion" else "plain NLL"
     lines = [
@@ -296,16 +303,12 @@ def run(args) -> dict:
 
 
 def build_parser():
-    from fairseq_reweight.inspect import add_sidecar_arguments
-
     parser = argparse.ArgumentParser(
-        prog="python -m fairseq_reweight.influence",
+        prog="fairseq-reweight-influence",
         description="First-order influence of each training token on the validation loss at a checkpoint "
         "(grad l_i . grad L_valid): which tokens the meta-objective asks the teacher to up-weight.",
     )
-    parser.add_argument("data", help="fairseq data-bin directory (as for fairseq-train)")
-    parser.add_argument("--path", required=True, help="a translation checkpoint (pretrained or fine-tuned)")
-    add_sidecar_arguments(parser)
+    add_checkpoint_arguments(parser, "a translation checkpoint (pretrained or fine-tuned)")
     parser.add_argument("--subset", default="train", help="training split to score (default train)")
     parser.add_argument("--valid-subset", default="valid", help="split of the validation loss (default valid)")
     parser.add_argument("--meta-valid-loss", choices=["criterion", "nll"], default="criterion",
@@ -321,19 +324,7 @@ def build_parser():
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> dict:
-    """Parse the arguments and :func:`run` (no logging set-up: for calling in-process)."""
-    args = build_parser().parse_args(argv)
-    if args.out is None:
-        args.out = os.path.join(os.path.dirname(os.path.abspath(args.path)), f"influence_{args.subset}")
-    return run(args)
-
-
-def cli_main(argv: Optional[List[str]] = None):
-    """The command: warnings only on stderr, one-line errors (``fairseq-reweight-influence``)."""
-    from fairseq_reweight.errors import run_command
-
-    run_command(main, argv)
+main, cli_main = command(build_parser, run, "influence")  # cli_main: fairseq-reweight-influence
 
 
 if __name__ == "__main__":

@@ -19,19 +19,14 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from fairseq.logging import metrics
 
+from fairseq_reweight.nmt.fairseq_contract import unwrap_model
+
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class ReweightedCrossEntropyCriterionConfig(LabelSmoothedCrossEntropyCriterionConfig):
     pass
-
-
-def unwrap_model(model):
-    """The fairseq model inside data-parallel wrappers (ModuleProxyWrapper, DDP, LegacyDDP, ...)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 @contextlib.contextmanager
@@ -55,9 +50,11 @@ def capture_encoder_out(model):
 class ReweightedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     """Token-level (label-smoothed) cross-entropy with per-token weights from a teacher.
 
-    The task sets :attr:`weight_fn`: ``weight_fn(sample, encoder_out, net_output, lprobs) -> (w, raw)``
-    with ``w`` (B x T) normalised weights and ``raw`` (B x T) the teacher's unnormalised weights,
-    both 0 on padding (``raw`` is for logging). While it is ``None`` the criterion is plain
+    The task sets :attr:`weight_fn`: ``weight_fn(sample, encoder_out, net_output, lprobs, params)
+    -> (w, raw)`` with ``w`` (B x T) normalised weights and ``raw`` (B x T) the teacher's
+    unnormalised weights, both 0 on padding (``raw`` is for logging); ``params`` (the
+    ``teacher_params`` of :meth:`forward`) are the teacher parameters to weigh with, None for the
+    teacher's own (a replay passes fresh leaves). While it is ``None`` the criterion is plain
     ``label_smoothed_cross_entropy``. Nothing here synchronises with the GPU (no ``.item()``, no
     boolean indexing): fairseq reduces the logged tensors once per log interval.
     """
@@ -66,14 +63,14 @@ class ReweightedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self.weight_fn = None
 
-    def forward(self, model, sample, reduce=True):
+    def forward(self, model, sample, reduce=True, teacher_params=None):
         if self.weight_fn is None or not model.training:
             return super().forward(model, sample, reduce=reduce)
         with capture_encoder_out(model) as captured:
             net_output = model(**sample["net_input"])
         lprobs = model.get_normalized_probs(net_output, log_probs=True)  # B x T x V
         target = model.get_targets(sample, net_output)  # B x T
-        weights, raw = self.weight_fn(sample, captured["encoder_out"], net_output, lprobs)
+        weights, raw = self.weight_fn(sample, captured["encoder_out"], net_output, lprobs, teacher_params)
         if self.ignore_prefix_size > 0:
             lprobs = lprobs[:, self.ignore_prefix_size :, :]
             target = target[:, self.ignore_prefix_size :]

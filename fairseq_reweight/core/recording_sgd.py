@@ -1,7 +1,7 @@
 """Momentum SGD that records its steps for the reverse-mode hypergradient.
 
 The update itself is ``torch.optim.SGD``'s own code (so bit for bit PyTorch's arithmetic); this
-subclass only remembers, per step, what :func:`~fairseq_reweight.hypergrad.reverse_hypergradient`
+subclass only remembers, per step, what :func:`~fairseq_reweight.core.reverse_hypergradient`
 needs to undo and replay it. Plain PyTorch: never imports fairseq.
 """
 from collections import deque
@@ -10,7 +10,8 @@ from typing import Callable, Deque, List, Optional
 import torch
 from torch import Tensor
 
-from .reverse import StepRecord, select_window
+from .checks import select_window
+from .sgd import StepRecord
 
 __all__ = ["RecordingSGD"]
 

@@ -9,7 +9,6 @@ after normalisation within the minibatch, training starts exactly as uniform (pl
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -24,8 +23,9 @@ class Teacher(nn.Module):
         hidden_layers: 0 gives the paper's linear teacher; N > 0 an MLP with N ReLU hidden layers
             over ``[features; label embedding]``.
         hidden_dim: width of the hidden layers and of the label embedding of the MLP teacher.
-        normalize_features: layer-normalise the dense features (no learned parameters) so that the
-            teacher's learning rate does not depend on the scale of the student's hidden states.
+
+    Its inputs come from :func:`~fairseq_reweight.core.features.teacher_inputs` (student states
+    layer-normalised, surface features as they are), for the translation and image paths alike.
     """
 
     def __init__(
@@ -34,7 +34,6 @@ class Teacher(nn.Module):
         num_labels: int,
         hidden_layers: int = 0,
         hidden_dim: int = 64,
-        normalize_features: bool = True,
     ):
         super().__init__()
         if feature_dim < 0 or num_labels < 0:
@@ -48,7 +47,6 @@ class Teacher(nn.Module):
         self.feature_dim = feature_dim
         self.num_labels = num_labels
         self.hidden_layers = hidden_layers
-        self.normalize_features = normalize_features
         if hidden_layers == 0:
             # logit = W_I . I + E[y] + b
             self.feature_proj = nn.Linear(feature_dim, 1, bias=False) if feature_dim else None
@@ -96,8 +94,6 @@ class Teacher(nn.Module):
             )
         if features is not None:
             features = features.to(self.bias.dtype)
-            if self.normalize_features:
-                features = F.layer_norm(features, features.shape[-1:])
         if self.mlp is None:
             out = self.bias
             if features is not None:
@@ -121,7 +117,9 @@ def normalize_weights(weights: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """Scale weights so they average to one over the (unmasked) examples of a minibatch.
 
     ``w_k <- N w_k / sum_j w_j``: the paper's within-batch normalisation, scaled by the number of
-    examples N so that uniform weights leave a summed loss unchanged. Masked entries (padding) get 0.
+    examples N so that uniform weights leave a summed loss unchanged. Masked entries (padding) get 0,
+    and so does every entry of a batch whose weights are all 0 (it contributes nothing): ``N / sum``
+    would be inf there, and 0 * inf NaN.
     """
     if mask is not None:
         weights = weights.masked_fill(~mask, 0.0)
@@ -129,4 +127,23 @@ def normalize_weights(weights: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     else:
         count = weights.numel()
     total = weights.sum()
-    return weights * (count / total.clamp_min(torch.finfo(weights.dtype).tiny))
+    scale = count / total
+    # where N / sum overflows (sum 0 or subnormal), divide first: w / sum <= 1 cannot overflow
+    fallback = weights / total.clamp_min(torch.finfo(weights.dtype).tiny) * count
+    return torch.where(torch.isfinite(scale), weights * scale, fallback)
+
+
+def apply_teacher_gradient(teacher: nn.Module, optimizer: torch.optim.Optimizer, grads, clip_norm: float = 0.0) -> Tensor:
+    """One teacher step on a hypergradient (one tensor per ``teacher.parameters()``).
+
+    Returns the gradient's norm before clipping (a tensor: no host synchronisation).
+    """
+    params = list(teacher.parameters())
+    for p, g in zip(params, grads):
+        p.grad = g.to(p.dtype)
+    gnorm = torch.norm(torch.stack([g.float().norm() for g in grads]))
+    if clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return gnorm

@@ -19,9 +19,11 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
-from fairseq_reweight.driver import ALL_FEATURES, ReweightDriver
-from fairseq_reweight.errors import ReweightConfigError
-from fairseq_reweight.hypergrad import math_attention
+from fairseq_reweight.core import math_attention
+from fairseq_reweight.core.checks import check_schedule
+from fairseq_reweight.core.errors import ReweightConfigError, install_excepthook
+from fairseq_reweight.nmt.driver import ReweightDriver
+from fairseq_reweight.nmt.weigher import ALL_FEATURES, TokenWeigher, parse_features
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +113,9 @@ class ReweightTranslationTask(TranslationTask):
 
     @classmethod
     def setup_task(cls, cfg: ReweightTranslationConfig, **kwargs):
+        install_excepthook()  # a ReweightConfigError reaching fairseq-train's top prints one line
+        if cfg.reweight_teacher != "none":
+            check_options(cfg)
         for path in (cfg.data or "").split(os.pathsep):
             if not os.path.isdir(path):
                 raise ReweightConfigError(
@@ -134,12 +139,18 @@ class ReweightTranslationTask(TranslationTask):
             )
         self._check_meta_valid_split()
         model_cfg = self._model_cfg
-        self.driver = ReweightDriver(
-            self.cfg,
-            self.tgt_dict,
-            encoder_dim=model_cfg.encoder_embed_dim,
-            decoder_dim=model_cfg.decoder_embed_dim,
+        weigher = TokenWeigher(
+            parse_features(self.cfg.teacher_features, self.cfg.reweight_teacher), self.tgt_dict.pad(),
+            len(self.tgt_dict), model_cfg.encoder_embed_dim, model_cfg.decoder_embed_dim,
+            self.cfg.teacher_hidden_layers, self.cfg.teacher_hidden_dim, self.cfg.reweight_granularity,
+            self.cfg.reweight_features_grad,
         )
+        monitor = None
+        if self.cfg.reweight_noise_sidecar:
+            from fairseq_reweight.nmt.noise_monitor import NoiseAucMonitor
+
+            monitor = NoiseAucMonitor(self.cfg, self)
+        self.driver = ReweightDriver(self.cfg, weigher, self.meta_valid_batches, monitor)
         criterion.reweight = self.driver  # checkpointed with the criterion (see driver.py)
         criterion.weight_fn = self.driver.token_weights
         return criterion
@@ -198,12 +209,24 @@ class ReweightTranslationTask(TranslationTask):
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if self.driver is None:
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
-        self.driver.before_micro_batch(
-            model, criterion, optimizer, update_num, sample, ignore_grad, self.meta_valid_batches
-        )
+        self.driver.on_micro_batch(model, criterion, optimizer, update_num, sample, ignore_grad)
         with self._training_attention():
             loss, sample_size, logging_output = super().train_step(
                 sample, model, criterion, optimizer, update_num, ignore_grad
             )
         self.driver.observe(logging_output)
         return loss, sample_size, logging_output
+
+
+def check_options(cfg: ReweightTranslationConfig) -> None:
+    """The teacher's options, checked when fairseq sets up the task (before any data is read)."""
+    check_schedule(cfg.reweight_interval, cfg.reweight_backprop_steps)
+    features = parse_features(cfg.teacher_features, cfg.reweight_teacher)
+    if "progress" in features and cfg.max_update <= 0:
+        raise ReweightConfigError("--teacher-features progress needs --max-update > 0")
+    if not cfg.teacher_lr > 0:
+        raise ReweightConfigError(f"--teacher-lr must be > 0, got {cfg.teacher_lr}")
+    if cfg.reweight_noise_auc_interval < 1:
+        raise ReweightConfigError(
+            f"--reweight-noise-auc-interval must be >= 1 (meta-updates), got {cfg.reweight_noise_auc_interval}"
+        )

@@ -1,0 +1,175 @@
+"""The derivatives one replayed step needs, computed chunk by chunk from ``loss_fn(step, params)``.
+
+A step's loss comes as chunks (e.g. fairseq's micro-batches) whose sum is the objective the
+optimizer's gradient ``G`` came from. Each function here takes that gradient through fairseq's
+gradient clipping ``g = s(||G||) G``, ``s = min(1, c / (||G|| + 1e-6))``, and returns what the
+reverse loop (:mod:`.reverse`) asks for, keeping one chunk's graph alive at a time.
+"""
+import math
+from typing import Iterable, Iterator, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+from torch.autograd import forward_ad
+
+CLIP_EPS = 1e-6  # fairseq.utils.clip_grad_norm_: coef = min(1, max_norm / (norm + 1e-6))
+
+
+def clip_factor(norm: float, clip_norm: float):
+    """fairseq's clip factor ``s = min(1, c / (n + 1e-6))`` and its slope ``ds/dn`` at ``norm``."""
+    if clip_norm <= 0:
+        return 1.0, 0.0
+    ratio = clip_norm / (norm + CLIP_EPS)
+    if ratio >= 1.0:
+        return 1.0, 0.0
+    return ratio, -clip_norm / (norm + CLIP_EPS) ** 2
+
+
+def iter_loss_chunks(loss: Union[Tensor, Iterable[Tensor]], step_index: int) -> Iterator[Tensor]:
+    """Yield the scalar chunks of what ``loss_fn`` returned (one tensor or an iterable of them)."""
+    chunks = [loss] if isinstance(loss, Tensor) else loss
+    for chunk in chunks:
+        if not isinstance(chunk, Tensor) or chunk.numel() != 1:
+            what = tuple(chunk.shape) if isinstance(chunk, Tensor) else type(chunk).__name__
+            raise ValueError(
+                f"loss_fn must return a scalar tensor or an iterable of scalar tensors; step "
+                f"{step_index} gave {what}: reduce the loss (sum) before returning it"
+            )
+        yield chunk.reshape(())
+
+
+def global_norm(tensors: List[Tensor]) -> float:
+    if not tensors:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors])))
+
+
+def add_into(accumulators: List[Tensor], grads: Sequence[Optional[Tensor]]) -> None:
+    for acc, grad in zip(accumulators, grads):
+        if grad is not None:
+            acc.add_(grad.detach())
+
+
+def _chunk_gradient(chunk: Tensor, params: List[Tensor], create_graph: bool):
+    """``d chunk / d params`` (None entries for unused params), or None if the chunk is constant."""
+    if not chunk.requires_grad:
+        return None
+    return torch.autograd.grad(chunk, params, create_graph=create_graph, allow_unused=True)
+
+
+def _chunk_hvp(grads, vector: List[Tensor], inputs: List[Tensor]):
+    """``d (grads . vector) / d inputs``, or None if ``grads`` does not depend on anything."""
+    dot = None
+    for grad, vec in zip(grads, vector):
+        if grad is not None and grad.requires_grad:
+            term = (grad * vec).sum()
+            dot = term if dot is None else dot + term
+    if dot is None:
+        return None
+    return torch.autograd.grad(dot, inputs, allow_unused=True)
+
+
+def full_gradient(step, theta, loss_fn, all_reduce, step_index):
+    """G of one step (no graph; summed over workers with ``all_reduce``) and its norm."""
+    grad_sum = [torch.zeros_like(p) for p in theta]
+    for chunk in iter_loss_chunks(loss_fn(step, theta), step_index):
+        add_into(grad_sum, _chunk_gradient(chunk, theta, create_graph=False) or ())
+    if all_reduce is not None:
+        all_reduce(grad_sum)
+    return grad_sum, global_norm(grad_sum)
+
+
+def clip_direction(grad_sum, norm, clip_norm, g_bar):
+    """``u = s g~ + (G . g~) s'(n) / n G``, so that ``d(s(||G||) G . g~) = J_G^T u``."""
+    scale, slope = clip_factor(norm, clip_norm)
+    with torch.no_grad():
+        u = [scale * v for v in g_bar]
+        if slope != 0.0 and norm > 0.0:
+            g_dot_v = float(torch.stack([(g * v).sum() for g, v in zip(grad_sum, g_bar)]).sum())
+            coef = g_dot_v * slope / norm
+            for u_i, g in zip(u, grad_sum):
+                u_i.add_(g, alpha=coef)
+    return u
+
+
+def gradient_vjp(step, theta, teacher_params, loss_fn, g_bar, all_reduce, step_index):
+    """``g = s G`` at ``theta`` and the products ``d(g . g~)/d theta``, ``d(g . g~)/d omega``.
+
+    Without clipping one pass suffices: per chunk, ``G_c`` with ``create_graph=True``, accumulate
+    ``G_c.detach()``, then the Hessian-vector product ``d(G_c . g~)``, then free the chunk's graph.
+    With clipping, ``d(g . g~) = J_G^T u`` (:func:`clip_direction`) needs the full G first: pass
+    one computes G (no graph), pass two the per-chunk products ``d(G_c . u)``, so ``loss_fn`` is
+    called twice for this step.
+
+    Returns:
+        (G, ||G||, s, d(g . g~)/d theta, d(g . g~)/d omega); G and the theta part are summed over
+        workers with ``all_reduce``, the omega part is this worker's.
+    """
+    inputs = theta + teacher_params
+    hvp_theta = [torch.zeros_like(p) for p in theta]
+    hvp_omega = [torch.zeros_like(w) for w in teacher_params]
+
+    def accumulate(vector, grad_sum):
+        for chunk in iter_loss_chunks(loss_fn(step, theta), step_index):
+            grads = _chunk_gradient(chunk, theta, create_graph=True)
+            if grads is None:
+                continue
+            if grad_sum is not None:
+                add_into(grad_sum, grads)
+            hvp = _chunk_hvp(grads, vector, inputs)
+            del grads
+            if hvp is not None:
+                add_into(hvp_theta, hvp[: len(theta)])
+                add_into(hvp_omega, hvp[len(theta):])
+
+    if step.clip_norm <= 0:
+        grad_sum = [torch.zeros_like(p) for p in theta]
+        accumulate(g_bar, grad_sum)
+        if all_reduce is not None:
+            all_reduce(grad_sum + hvp_theta)
+        return grad_sum, global_norm(grad_sum), 1.0, hvp_theta, hvp_omega
+    grad_sum, norm = full_gradient(step, theta, loss_fn, all_reduce, step_index)
+    accumulate(clip_direction(grad_sum, norm, step.clip_norm, g_bar), None)
+    if all_reduce is not None:
+        all_reduce(hvp_theta)
+    return grad_sum, norm, clip_factor(norm, step.clip_norm)[0], hvp_theta, hvp_omega
+
+
+def teacher_vjp(step, theta, teacher_params, loss_fn, g_bar, all_reduce, step_index):
+    """Only ``d(g . g~)/d omega`` of one step (the oldest, when theta's adjoint is not wanted).
+
+    ``G . g~`` is the directional derivative of the step's loss along g~, so one forward pass with
+    dual numbers (forward-mode AD: theta + eps g~) gives it as a function of omega, and a reverse
+    pass through the teacher alone gives its gradient: no double backward through the student.
+    Clipped steps use the direction ``u`` of :func:`clip_direction` (which needs G first, one
+    gradient-only pass).
+
+    Returns:
+        (||G|| or nan when not computed, s, d(g . g~)/d omega).
+    """
+    norm, scale, direction = math.nan, 1.0, g_bar
+    if step.clip_norm > 0:
+        grad_sum, norm = full_gradient(step, theta, loss_fn, all_reduce, step_index)
+        direction = clip_direction(grad_sum, norm, step.clip_norm, g_bar)
+        scale = clip_factor(norm, step.clip_norm)[0]
+    domega = [torch.zeros_like(w) for w in teacher_params]
+    with forward_ad.dual_level():
+        duals = [forward_ad.make_dual(t.detach(), d) for t, d in zip(theta, direction)]
+        for chunk in iter_loss_chunks(loss_fn(step, duals), step_index):
+            tangent = forward_ad.unpack_dual(chunk).tangent
+            if tangent is None or not tangent.requires_grad:
+                continue  # the chunk does not depend on theta, or its slope not on omega
+            add_into(domega, torch.autograd.grad(tangent, teacher_params, allow_unused=True))
+    return norm, scale, domega
+
+
+def step_gradient(step, params: List[Tensor], loss_fn, index: int, create_graph: bool) -> List[Tensor]:
+    """G = d loss_fn(step, params) / d params, summed chunk by chunk (zeros for unused params);
+    differentiable when ``create_graph`` (the unrolled reference)."""
+    total = [torch.zeros_like(p) for p in params]
+    for chunk in iter_loss_chunks(loss_fn(step, params), index):
+        if not chunk.requires_grad:
+            continue
+        grads = torch.autograd.grad(chunk, params, create_graph=create_graph, allow_unused=True)
+        total = [t if g is None else t + g for t, g in zip(total, grads)]
+    return total

@@ -1,0 +1,180 @@
+"""Momentum SGD (PyTorch's convention) as the reverse loop sees it: its step record, how to undo a
+step, and the adjoint of its update.
+
+The update, with ``g = s(||G||) G`` the (clipped) loss gradient::
+
+    v_{t+1}     = momentum v_t + g_t + wd theta_t
+    theta_{t+1} = theta_t - lr v_{t+1}
+
+Its adjoint, given the adjoints theta_bar, v_bar of (theta_{t+1}, v_{t+1})::
+
+    g~        = v_bar - lr theta_bar          (adjoint of v_{t+1}, both of its uses; also of g_t)
+    theta_bar = theta_bar + wd g~ + d(g_t . g~)/d theta
+    v_bar     = momentum g~
+
+An optimizer plugs into :func:`~fairseq_reweight.core.reverse.reverse_hypergradient` by providing
+an object with the methods of :class:`SGDReverse`.
+"""
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import torch
+from torch import Tensor
+
+from .checks import check_tensor_list, validate_tensor_list
+from .gradients import CLIP_EPS
+
+
+@dataclass
+class StepRecord:
+    """One student step as taken, in PyTorch's momentum-SGD convention.
+
+    ``g_t = s(||G||) G + weight_decay theta_t`` where G is the gradient of the replayed loss (the
+    sum of its chunks) and s the clip factor; ``v_{t+1} = momentum v_t + g_t``;
+    ``theta_{t+1} = theta_t - lr v_{t+1}``.
+
+    Attributes:
+        lr: learning rate of this step.
+        momentum: momentum of this step (> 0 for mode="reverse").
+        weight_decay: L2 coefficient added to the (clipped) gradient, as torch.optim.SGD does.
+        clip_norm: fairseq's ``--clip-norm`` c: ``G <- G min(1, c / (||G|| + 1e-6))``; 0 = off.
+        data: opaque to the core: whatever ``loss_fn`` needs to replay the step (batches, RNG
+            seed, ...).
+        params: theta_t before the step (mode="checkpoint" needs it).
+        momentum_buffers: v_t before the step (None entries or zeros for the first step).
+    """
+
+    lr: float
+    momentum: float
+    weight_decay: float = 0.0
+    clip_norm: float = 0.0
+    data: Any = None
+    params: Optional[List[Tensor]] = None
+    momentum_buffers: Optional[List[Tensor]] = None
+
+
+class SGDReverse:
+    """Undo and differentiate momentum-SGD steps (:class:`StepRecord`)."""
+
+    modes = ("reverse", "checkpoint")
+
+    @staticmethod
+    def check_step(index: int, step, params: List[Tensor], mode: str) -> None:
+        """One record's check; ``mode`` "reverse" needs momentum > 0, "checkpoint" stored params."""
+        if not isinstance(step, StepRecord):
+            raise ValueError(f"steps[{index}] is a {type(step).__name__}, not a StepRecord")
+        for name in ("lr", "momentum", "weight_decay", "clip_norm"):
+            value = getattr(step, name)
+            if not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"steps[{index}].{name} must be a finite number, got {value!r}")
+        if step.momentum < 0 or step.clip_norm < 0:
+            raise ValueError(
+                f"steps[{index}] has momentum {step.momentum} and clip_norm {step.clip_norm}: both must be >= 0"
+            )
+        if mode == "reverse" and step.momentum <= 0:
+            raise ValueError(
+                f"steps[{index}] has momentum {step.momentum}: mode='reverse' undoes a step by "
+                "dividing by the momentum; use mode='checkpoint' (RecordingSGD(store_states=True))"
+            )
+        if mode == "checkpoint":
+            if step.params is None:
+                raise ValueError(
+                    f"steps[{index}] has no stored params: mode='checkpoint' needs theta_t of every "
+                    "step; record with RecordingSGD(store_states=True) or use mode='reverse'"
+                )
+            check_tensor_list(step.params, params, f"steps[{index}].params", allow_none=False)
+
+    @staticmethod
+    def final_state(params: List[Tensor], momentum_buffers, mode: str):
+        """The optimizer state at theta_K that mode="reverse" undoes (v_K); None otherwise."""
+        if mode != "reverse":
+            return None
+        if momentum_buffers is None:
+            raise ValueError("mode='reverse' needs momentum_buffers (v_K); got None")
+        return validate_tensor_list(momentum_buffers, params, "momentum_buffers", True)
+
+    @staticmethod
+    def zero_adjoint(theta_bar: List[Tensor]) -> List[Tensor]:
+        return [torch.zeros_like(p) for p in theta_bar]
+
+    @staticmethod
+    def rewind_params(step: StepRecord, theta: List[Tensor], velocity, mode: str) -> None:
+        """theta_{t+1} -> theta_t in place: ``theta + lr v_{t+1}``, or the stored copy."""
+        if mode == "reverse":
+            for theta_i, v_i in zip(theta, velocity):
+                theta_i.add_(v_i, alpha=step.lr)
+        else:
+            for theta_i, stored in zip(theta, step.params):
+                theta_i.copy_(stored)
+
+    @staticmethod
+    def gradient_adjoint(step: StepRecord, theta_bar, v_bar) -> List[Tensor]:
+        """g~ = v_bar - lr theta_bar: the adjoint of the step's gradient."""
+        return [vb - step.lr * tb for vb, tb in zip(v_bar, theta_bar)]
+
+    @staticmethod
+    def rewind_state(step: StepRecord, velocity, grad, scale: float, theta) -> None:
+        """v_{t+1} -> v_t in place: ``(v_{t+1} - s G - wd theta_t) / momentum``."""
+        for v_i, g_i, theta_i in zip(velocity, grad, theta):
+            v_i.sub_(g_i, alpha=scale)
+            if step.weight_decay:
+                v_i.sub_(theta_i, alpha=step.weight_decay)
+            v_i.div_(step.momentum)
+
+    @staticmethod
+    def propagate(step: StepRecord, theta_bar, v_bar, g_bar, hvp_theta):
+        """The adjoints of (theta_t, v_t) from those of (theta_{t+1}, v_{t+1})."""
+        for tb, h, gb in zip(theta_bar, hvp_theta, g_bar):
+            tb.add_(h)
+            if step.weight_decay:
+                tb.add_(gb, alpha=step.weight_decay)
+        return theta_bar, [step.momentum * gb for gb in g_bar]
+
+    @staticmethod
+    def start_state(steps, velocity, params, mode: str):
+        """v_{K-B}: recovered in reverse mode, else the oldest record's buffers (or None)."""
+        if mode == "reverse":
+            return velocity
+        if steps[0].momentum_buffers is None:
+            return None
+        return validate_tensor_list(steps[0].momentum_buffers, params, "steps[0].momentum_buffers", none_is_zero=True)
+
+    @staticmethod
+    def apply(step: StepRecord, params, buffers, grads):
+        """One step, out of place (differentiable when the inputs carry a graph)."""
+        if step.clip_norm > 0:
+            norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))
+            scale = (step.clip_norm / (norm + CLIP_EPS)).clamp(max=1.0)
+            grads = [scale * g for g in grads]
+        if step.weight_decay:
+            grads = [g + step.weight_decay * p for g, p in zip(grads, params)]
+        buffers = [step.momentum * v + g for v, g in zip(buffers, grads)]
+        params = [p - step.lr * v for p, v in zip(params, buffers)]
+        return params, buffers
+
+
+SGD = SGDReverse()
+
+
+def record_to_state(record: StepRecord, data_to_state=lambda data: data) -> dict:
+    """A record as plain data (tensors detached, on the CPU), loadable by torch's safe loader."""
+    def cpu(tensors):
+        return None if tensors is None else [None if t is None else t.detach().cpu() for t in tensors]
+
+    return {"lr": record.lr, "momentum": record.momentum, "weight_decay": record.weight_decay,
+            "clip_norm": record.clip_norm, "data": data_to_state(record.data),
+            "params": cpu(record.params), "momentum_buffers": cpu(record.momentum_buffers)}
+
+
+def record_from_state(state: dict, data_from_state=lambda data: data, device=None) -> StepRecord:
+    """The inverse of :func:`record_to_state`, stored tensors moved to ``device``."""
+    def to_device(tensors):
+        if tensors is None or device is None:
+            return tensors
+        return [None if t is None else t.to(device) for t in tensors]
+
+    return StepRecord(lr=state["lr"], momentum=state["momentum"], weight_decay=state["weight_decay"],
+                      clip_norm=state["clip_norm"], data=data_from_state(state["data"]),
+                      params=to_device(state["params"]), momentum_buffers=to_device(state["momentum_buffers"]))

@@ -1,0 +1,126 @@
+"""The meta-update driver: the teacher inside fairseq training (Algorithm 1 of the paper).
+
+Before update N with N a multiple of K (``--reweight-interval``), i.e. only when another student
+update follows, the driver draws a batch of
+``--meta-valid-subset``, takes the validation gradient at the student's parameters, differentiates
+it through the last B updates (``--reweight-backprop-steps``, :func:`.replay.teacher_hypergradient`)
+and steps the teacher with Adam. The driver is attached to the criterion because fairseq's trainer
+checkpoints and restores the criterion's state dict (never the task's); the teacher's parameters do
+not require grad, so the student optimizer (built from the model's and criterion's trainable
+parameters) never sees them.
+"""
+import math
+import time
+
+import torch
+from fairseq.logging import metrics
+from torch import nn
+
+from fairseq_reweight.core.features import TrainingState
+from fairseq_reweight.core.teacher import apply_teacher_gradient
+from fairseq_reweight.nmt.recorder import StepRecorder
+from fairseq_reweight.nmt.replay import all_reduce_fn, check_in_sync, replay_session, teacher_hypergradient
+from fairseq_reweight.nmt.weigher import TokenWeigher
+
+
+class ReweightDriver(nn.Module):
+    """Teacher, teacher optimizer and meta-update schedule for ``reweight_translation``."""
+
+    def __init__(self, cfg, weigher: TokenWeigher, meta_valid_batches, noise_monitor=None):
+        super().__init__()
+        self.cfg, self.weigher = cfg, weigher
+        self.teacher_optimizer = torch.optim.Adam(weigher.teacher.parameters(), lr=cfg.teacher_lr)
+        self.recorder = StepRecorder(cfg.reweight_backprop_steps, cfg.reweight_history == "checkpoint", cfg.clip_norm)
+        self.meta_valid_batches, self.noise_monitor = meta_valid_batches, noise_monitor
+        self.num_meta_updates, self.meta_valid_consumed = 0, 0
+        self.best_meta_valid_loss = float("inf")
+        self.running_loss = None  # running mean training loss, a tensor: no GPU sync per step
+        self.update_num, self.last_meta_update = 0, -1
+        self.last_meta_stats = {}
+        self._meta_valid_iter, self._shadow = None, {}
+
+    @property
+    def teacher(self):
+        return self.weigher.teacher
+
+    def training_state(self) -> TrainingState:
+        best = self.best_meta_valid_loss if self.num_meta_updates else 0.0
+        running = 0.0 if self.running_loss is None else self.running_loss
+        return TrainingState(self.update_num / max(self.cfg.max_update, 1), running, best)
+
+    def token_weights(self, sample, encoder_out, net_output, lprobs, params=None):
+        """The criterion's ``weight_fn``: (normalised weights, raw weights), both B x T."""
+        return self.weigher(sample, encoder_out, net_output, lprobs, self.training_state(), params)
+
+    # -- fairseq's hooks (called by the task) ---------------------------------------------------------
+    def on_micro_batch(self, model, criterion, optimizer, update_num, sample, ignore_grad):
+        """Before fairseq's forward/backward of each micro-batch: the meta-update before the first
+        micro-batch of update N = K, 2K, ... (once, also when an fp16 overflow retries it)."""
+        if self.recorder.optimizer is None:
+            self.recorder.attach(optimizer, f"--reweight-teacher {self.cfg.reweight_teacher}")
+        self.update_num = update_num
+        first = self.recorder.starts_update(model)
+        if first:
+            due = update_num > 0 and update_num % self.cfg.reweight_interval == 0
+            if due and update_num != self.last_meta_update:
+                self.last_meta_update = update_num
+                self.meta_update(model, criterion, update_num)
+            for key, value in self.last_meta_stats.items():  # shown in every log line (weight 0)
+                metrics.log_scalar(key, value, weight=0, round=4)
+        self.recorder.on_micro_batch(update_num, sample, ignore_grad, first)
+
+    def observe(self, logging_output):
+        """The running mean training loss (surface feature ``loss``) after each micro-batch."""
+        size = float(logging_output.get("sample_size", 0) or 0)
+        if size > 0 and "loss" in self.weigher.features:
+            loss = logging_output["loss"].detach().float() / size
+            self.running_loss = loss if self.running_loss is None else 0.99 * self.running_loss + 0.01 * loss
+
+    # -- the meta-update -----------------------------------------------------------------------------
+    def meta_update(self, model, criterion, update_num):
+        """One teacher step from the validation loss at the current student parameters."""
+        steps = self.recorder.window()
+        if steps is None:  # fewer than B recorded updates, e.g. right after a restart
+            return
+        start = time.perf_counter()
+        if self._meta_valid_iter is None:
+            self._meta_valid_iter = self.meta_valid_batches(skip=self.meta_valid_consumed)
+        with replay_session(model, criterion, self.teacher, self.recorder.optimizer, self.cfg.seed,
+                            self.cfg.meta_valid_loss, update_num, self._shadow) as replay:
+            sample = next(self._meta_valid_iter)  # inside: a new epoch draws from torch's global RNG
+            self.meta_valid_consumed += 1
+            val_loss, val_grad = replay.validation_gradient(sample)
+            result = teacher_hypergradient(replay, steps, val_grad, self.cfg.reweight_history, all_reduce=all_reduce_fn())
+        gnorm = apply_teacher_gradient(self.teacher, self.teacher_optimizer, result.teacher_grad, self.cfg.teacher_clip_norm)
+        check_in_sync(self.teacher)
+        self.num_meta_updates += 1
+        self.best_meta_valid_loss = min(self.best_meta_valid_loss, val_loss)
+        stats = {"meta_val_loss": val_loss / math.log(2), "teacher_gnorm": gnorm.item(),
+                 "meta_time": time.perf_counter() - start}
+        if self.noise_monitor is not None:
+            noise, new = self.noise_monitor.update(self, model, criterion, self.num_meta_updates)
+            stats.update(noise if new else {})
+            self.last_meta_stats.update(noise)
+        for key, value in stats.items():
+            metrics.log_scalar(key, value, round=4)
+        self.last_meta_stats.update(stats)
+
+    # -- checkpoint state ----------------------------------------------------------------------------
+    def get_extra_state(self):
+        """Teacher optimizer, counters and the replay history: a resumed run continues exactly."""
+        running = None if self.running_loss is None else float(self.running_loss)
+        return {"teacher_optimizer": self.teacher_optimizer.state_dict(), "num_meta_updates": self.num_meta_updates,
+                "best_meta_valid_loss": self.best_meta_valid_loss, "running_train_loss": running,
+                "meta_valid_consumed": self.meta_valid_consumed, "last_meta_update": self.last_meta_update,
+                "last_meta_stats": dict(self.last_meta_stats),
+                "history": self.recorder.state_dict()}
+
+    def set_extra_state(self, state):
+        self.teacher_optimizer.load_state_dict(state["teacher_optimizer"])
+        self.num_meta_updates, self.meta_valid_consumed = state["num_meta_updates"], state["meta_valid_consumed"]
+        self.best_meta_valid_loss, self.last_meta_update = state["best_meta_valid_loss"], state["last_meta_update"]
+        loss = state["running_train_loss"]
+        self.running_loss = None if loss is None else torch.tensor(loss)
+        self.last_meta_stats = dict(state["last_meta_stats"])
+        self.recorder.load_state_dict(state["history"])
+        self._meta_valid_iter = None  # re-created, skipping the batches already used

@@ -1,0 +1,180 @@
+"""Replaying fairseq's student updates for the hypergradient.
+
+:class:`StudentView` is the student's parameters as the optimizer holds them, in the model's shapes
+(fp32 master weights under ``--fp16``); :class:`Replay` the losses of the recorded updates and of a
+validation batch as functions of those parameters, normalised exactly as fairseq's trainer
+normalises gradients; :func:`replay_session` builds both and leaves training as it was;
+:func:`teacher_hypergradient` is the one place that calls the core's reverse loop for NMT (the
+driver's meta-update and the gradcheck command).
+"""
+import contextlib
+import copy
+import dataclasses
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from fairseq import utils
+
+from fairseq_reweight.core import HypergradResult, reverse_hypergradient
+from fairseq_reweight.core.reparam import substitute_parameters
+from fairseq_reweight.nmt import fairseq_contract as contract
+
+
+def data_parallel() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_fn():
+    """The core's ``all_reduce`` under data parallelism (sums in place), else None."""
+    if not data_parallel():
+        return None
+
+    def all_reduce(tensors):
+        for tensor in tensors:
+            dist.all_reduce(tensor)
+
+    return all_reduce
+
+
+def sample_size(sample, criterion) -> int:
+    """The criterion's sample size of ``sample`` (sentences with --sentence-avg, else tokens)."""
+    return sample["target"].size(0) if criterion.sentence_avg else sample["ntokens"]
+
+
+class StudentView:
+    """The student's parameters as the optimizer holds them, seen in the model's shapes.
+
+    Without ``--fp16`` the optimizer steps the model's own parameters. With ``--fp16`` it steps fp32
+    master copies; the replay then runs on an fp32 copy of the model (built once, kept in
+    ``shadow``) so that the double backward is computed in fp32 (see README, "Precision").
+    """
+
+    def __init__(self, model, recorder, shadow: Optional[dict] = None):
+        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        model_params = [p for p in model.parameters() if p.requires_grad]
+        self.shapes = [p.shape for p in model_params]
+        self.recorder = recorder
+        self.opt_params = list(recorder.group["params"])
+        self.device = self.opt_params[0].device
+        if len(self.opt_params) == len(model_params) and all(a is b for a, b in zip(self.opt_params, model_params)):
+            self.replay_model = model
+        else:
+            shadow = {} if shadow is None else shadow
+            if shadow.get("model") is None:
+                shadow["model"] = copy.deepcopy(model).float().requires_grad_(False)
+            self.replay_model = shadow["model"]
+
+    def to_model_shapes(self, tensors):
+        return contract.master_params_in_model_shapes(tensors, self.shapes)
+
+    def theta(self):
+        return self.to_model_shapes([p.detach() for p in self.opt_params])
+
+    def momentum(self):
+        return self.to_model_shapes(self.recorder.momentum_buffers())
+
+    def param_dict(self, params):
+        return dict(zip(self.names, params))
+
+    def convert_record(self, record):
+        if record.params is None:
+            return record
+        buffers = [torch.zeros_like(p) if b is None else b for p, b in zip(record.params, record.momentum_buffers)]
+        return dataclasses.replace(record, params=self.to_model_shapes(record.params),
+                                   momentum_buffers=self.to_model_shapes(buffers))
+
+
+class Replay:
+    """The student's losses as functions of its parameters, for one meta-update."""
+
+    def __init__(self, student: StudentView, criterion, omega: dict, seed: int, valid_loss: str = "criterion"):
+        self.student, self.criterion, self.seed = student, criterion, seed
+        self.omega_by_name = omega
+        self.omega = list(omega.values())
+        self.valid_loss = valid_loss  # "criterion" (e.g. label-smoothed) or "nll"
+
+    def _loss(self, sample, params):
+        """``criterion(model, sample)``'s loss with the student at ``params``, the teacher at omega."""
+        model = self.student.replay_model
+        with substitute_parameters(model, self.student.param_dict(params)):
+            return self.criterion(model, sample, teacher_params=self.omega_by_name)[0]
+
+    def validation_loss(self, sample, params):
+        """Token-averaged validation loss at ``params`` (eval mode: no dropout): the criterion's
+        (label-smoothed with --label-smoothing) or, with ``valid_loss="nll"``, the plain NLL."""
+        if self.student.device.type == "cuda":
+            sample = utils.move_to_cuda(sample, device=self.student.device)
+        model = self.student.replay_model
+        model.eval()
+        if self.valid_loss == "criterion":
+            loss = self._loss(sample, params)
+        else:
+            with substitute_parameters(model, self.student.param_dict(params)):
+                net_output = model(**sample["net_input"])
+                loss = contract.unwrap_model(self.criterion).compute_loss(model, net_output, sample, reduce=True)[1]
+        return loss / float(sample_size(sample, self.criterion))
+
+    def validation_gradient(self, sample):
+        """(validation loss, its gradient) at the student's current parameters theta_K."""
+        leaves = [t.detach().requires_grad_() for t in self.student.theta()]
+        loss = self.validation_loss(sample, leaves)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        return loss.item(), [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+
+    def loss_fn(self, step, params):
+        """The step's micro-batch losses at ``params``, normalised as the trainer normalises."""
+        data = step.data
+        sizes = [float(sample_size(s, self.criterion)) for s, _ in data.micro_batches]
+        total = contract.update_sample_size(sizes, bool(data.micro_batches) and data.micro_batches[-1][1])
+        if data_parallel():
+            size = torch.tensor([total], dtype=torch.float64, device=self.student.device)
+            dist.all_reduce(size)
+            total = size.item()
+        total = total or 1.0
+        contract.seed_for_update(self.seed, data.update_num)
+        model = self.student.replay_model
+        model.train()
+        model.set_num_updates(data.update_num)
+        for sample, ignore_grad in data.micro_batches:
+            loss = self._loss(sample, params)
+            yield loss * 0.0 if ignore_grad else loss / total
+
+
+@contextlib.contextmanager
+def replay_session(model, criterion, teacher, recorder, seed: int, valid_loss: str, update_num: int,
+                   shadow: Optional[dict] = None):
+    """A :class:`Replay` of the student with fresh teacher leaves omega; restores torch's RNG, the
+    model's mode and update counter afterwards, so that training continues exactly as without it."""
+    inner = contract.unwrap_model(model)
+    rng_state = utils.get_rng_state()
+    omega = {name: p.detach().clone().requires_grad_() for name, p in teacher.named_parameters()}
+    try:
+        yield Replay(StudentView(inner, recorder, shadow), criterion, omega, seed, valid_loss)
+    finally:
+        utils.set_rng_state(rng_state)
+        inner.set_num_updates(update_num)
+        inner.train()
+
+
+def teacher_hypergradient(replay: Replay, steps: List, val_grad, mode: str, teacher_grad_only: bool = True,
+                          all_reduce=None) -> HypergradResult:
+    """``d L_val / d omega`` through the recorded ``steps`` (oldest first) at the student's state."""
+    student = replay.student
+    return reverse_hypergradient(
+        student.theta(), student.momentum(), replay.omega, [student.convert_record(s) for s in steps],
+        replay.loss_fn, val_grad, mode=mode, all_reduce=all_reduce, teacher_grad_only=teacher_grad_only,
+    )
+
+
+def check_in_sync(module: torch.nn.Module) -> None:
+    """Under data parallelism every rank applies the same all-reduced teacher gradient; check that
+    the teachers are still identical (one all-reduce of a few numbers)."""
+    if not data_parallel():
+        return
+    sums = torch.stack([p.detach().double().sum() for p in module.parameters()])
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError("the teacher differs between data-parallel ranks after a meta-update")

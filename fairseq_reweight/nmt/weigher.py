@@ -1,0 +1,100 @@
+"""The teacher and its NMT inputs: a weight for every target token of a batch.
+
+Inputs (``--teacher-features``): the student's states (encoder states mean-pooled over non-pad
+source tokens, the final decoder state at each target position), the target token (``label``) and
+the paper's surface features; how they are normalised is :mod:`fairseq_reweight.core.features`'
+rule. Everything the weights depend on is an argument: the training state (progress, running loss,
+best validation loss) and, inside a replay, the teacher parameters omega.
+"""
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from fairseq_reweight.core.errors import ReweightConfigError
+from fairseq_reweight.core.features import TrainingState, surface_features, teacher_inputs
+from fairseq_reweight.core.teacher import Teacher, normalize_weights
+from fairseq_reweight.nmt.fairseq_contract import decoder_states, encoder_states
+
+STATE_FEATURES = ("encoder", "decoder")
+# each NMT surface feature as columns of core.features.SURFACE_COLUMNS
+SURFACE_FEATURES = {"progress": ("progress",), "loss": ("example_loss", "mean_train_loss"),
+                    "best-valid": ("best_valid",), "prediction": ("prediction",), "margin": ("margin",)}
+ALL_FEATURES = STATE_FEATURES + ("label",) + tuple(SURFACE_FEATURES)
+DEFAULT_FEATURES = {"deep": "encoder,label", "surface": "progress,loss,best-valid,prediction,margin"}
+
+
+def parse_features(spec: str, teacher: str) -> List[str]:
+    """``--teacher-features`` as a list; empty means the default of ``--reweight-teacher``."""
+    spec = spec or DEFAULT_FEATURES.get(teacher, "")
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ALL_FEATURES]
+    if unknown:
+        raise ReweightConfigError(f"unknown --teacher-features {','.join(unknown)}; valid names: {','.join(ALL_FEATURES)}")
+    if not names:
+        raise ReweightConfigError("--teacher-features is empty; give at least one of " + ",".join(ALL_FEATURES))
+    return names
+
+
+class TokenWeigher(nn.Module):
+    """``forward(...) -> (w, raw)``: normalised weights (B x T, mean 1 over non-pad tokens, 0 on
+    padding) and the teacher's raw weights (B x T, 0 on padding).
+
+    Args:
+        features: the ``--teacher-features`` names.
+        pad: the target padding index.
+        vocab_size, encoder_dim, decoder_dim: sizes of the label and state inputs.
+        hidden_layers, hidden_dim: the teacher's shape (0: the paper's linear teacher).
+        granularity: ``token`` or ``sentence`` (every token gets its sentence's mean raw weight).
+        features_grad: let the weights depend on the student through its states.
+    """
+
+    def __init__(self, features: List[str], pad: int, vocab_size: int, encoder_dim: int, decoder_dim: int,
+                 hidden_layers: int = 0, hidden_dim: int = 64, granularity: str = "token", features_grad: bool = False):
+        super().__init__()
+        self.features, self.pad = list(features), pad
+        self.granularity, self.features_grad = granularity, features_grad
+        self.columns = [col for name in self.features for col in SURFACE_FEATURES.get(name, ())]
+        dense_dim = len(self.columns) + encoder_dim * ("encoder" in features) + decoder_dim * ("decoder" in features)
+        self.teacher = Teacher(dense_dim, vocab_size if "label" in features else 0, hidden_layers, hidden_dim)
+        # trained by the driver's own Adam on hypergradients, never by the student's optimizer
+        self.teacher.requires_grad_(False)
+
+    def _apply(self, fn, *args, **kwargs):
+        # the trainer casts the criterion, and so this module, to fp16/bf16 with the student
+        super()._apply(fn, *args, **kwargs)
+        for p in self.teacher.parameters():
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+        return self
+
+    def forward(self, sample, encoder_out, net_output, lprobs: Tensor, state: TrainingState,
+                params: Optional[Dict[str, Tensor]] = None):
+        target = sample["target"]  # B x T
+        mask = target.ne(self.pad)
+        dense = self.dense_features(encoder_out, net_output, lprobs, target, state)
+        labels = target if "label" in self.features else None
+        if params is None:
+            raw = self.teacher(dense, labels)  # B x T
+        else:  # inside a replay: the weights as a function of the leaves omega
+            raw = torch.func.functional_call(self.teacher, params, (dense, labels))
+        mask_f = mask.to(raw.dtype)
+        if self.granularity == "sentence":
+            raw = ((raw * mask_f).sum(1, keepdim=True) / mask_f.sum(1, keepdim=True).clamp_min(1)).expand_as(raw)
+        return normalize_weights(raw, mask), raw * mask_f
+
+    def dense_features(self, encoder_out, net_output, lprobs, target, state: TrainingState) -> Optional[Tensor]:
+        """B x T x d teacher input (None for a label-only teacher)."""
+        bsz, tgt_len = target.shape
+        states = []
+        if "encoder" in self.features:
+            hidden, pads = encoder_states(encoder_out)
+            hidden = hidden.transpose(0, 1)  # B x S x C
+            keep = (~pads).to(hidden.dtype).unsqueeze(-1) if pads is not None else torch.ones_like(hidden[..., :1])
+            pooled = (hidden * keep).sum(1) / keep.sum(1).clamp_min(1)  # B x C
+            states.append(pooled.unsqueeze(1).expand(bsz, tgt_len, -1))
+        if "decoder" in self.features:
+            states.append(decoder_states(net_output).transpose(0, 1))  # B x T x C
+        surface = surface_features(lprobs.float(), target, state, self.columns) if self.columns else None
+        dense = teacher_inputs(states, surface, torch.float32)
+        return dense if dense is None or self.features_grad else dense.detach()

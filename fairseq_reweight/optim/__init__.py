@@ -1,1 +1,0 @@
-from . import reweight_sgd  # noqa: F401  (registers the optimizer)
