@@ -1,34 +1,37 @@
 #!/usr/bin/env python
-"""Pretrain -> uniform / surface-teacher / deep-teacher fine-tunes -> BLEU table (the paper's Table 7).
+"""Pretrain -> baseline / oracle / teacher fine-tunes -> BLEU table (the paper's Table 7, with bounds).
 
 For each data condition (a fairseq data-bin made by data_prep/, e.g. ``clean`` and ``noisy``):
-  1. pretrain a Transformer with Adam (lr 5e-4, inverse_sqrt, label smoothing 0.1) on that data;
-  2. from its best checkpoint, fine-tune with momentum SGD (lr 1e-3, momentum 0.9) three ways:
-     ``baseline`` (--reweight-teacher none), ``surface`` (surface-feature teacher), ``deep`` (the
-     deep-interaction teacher), for the same number of updates and each seed;
-  3. translate the test set with ``fairseq-generate --beam 5`` and score it with sacrebleu:
-     tokenized lower-case BLEU (comparable to the paper's multi-bleu numbers) and detokenized
-     sacreBLEU (with its signature);
-  4. write OUT/results.md and OUT/results.csv.
+  1. pretrain a Transformer with Adam (lr 5e-4, inverse_sqrt, label smoothing 0.1) on that data,
+     once per seed or, with ``--pretrain-seed N``, once for all fine-tuning seeds;
+  2. from its best checkpoint, fine-tune with momentum SGD (lr 1e-3, momentum 0.9) for the same
+     number of updates, one run per method and seed: ``baseline`` (--reweight-teacher none),
+     ``oracle`` (noisy pairs weighted 0 from the data-bin's train.noise: the bound of
+     down-weighting the noise; skipped where there is no sidecar), ``surface``, ``deep`` and every
+     ``--variant NAME="FLAGS"`` (the deep teacher with FLAGS, e.g. ``--teacher-hidden-layers 1``);
+  3. translate the test set with ``fairseq-generate --beam 5`` and score it (examples/results.py):
+     tokenized BLEU, sacreBLEU and chrF with signatures, paired bootstrap against the baseline,
+     the share of the oracle gap closed, the final noise AUC and the time per update;
+  4. add the runs to OUT/results.csv (kept across invocations) and write OUT/results.md.
 
 Every step runs fairseq's own command-line programs (printed before they run, logged under
 OUT/logs/), and is skipped when its output already exists, so an interrupted run picks up where it
 stopped. ``--train-args`` passes flags to every fairseq-train call (e.g. ``--fp16``, or
 ``--distributed-world-size 4`` for multi-GPU through fairseq's own distributed training);
-``--pretrain-args`` and ``--finetune-args`` only to the pretraining or the fine-tuning calls (teacher
-options such as ``--teacher-hidden-layers 1`` belong to the latter).
+``--pretrain-args`` and ``--finetune-args`` only to the pretraining or the fine-tuning calls.
 
     python examples/run_experiment.py --data clean=DIR/clean/data-bin --data noisy=DIR/noisy/data-bin \\
-        --preset iwslt14 --seeds 1 2 3 --out runs/iwslt14
+        --preset iwslt14 --seeds 1 2 3 --out runs/iwslt14 --variant mlp-b5="--teacher-hidden-layers 1 --reweight-backprop-steps 5"
 """
 import argparse
-import csv
 import shlex
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results  # noqa: E402  (examples/results.py)
 
 _TINY_MODEL = (
     "--arch transformer --encoder-layers 2 --decoder-layers 2 --encoder-embed-dim 64 "
@@ -58,6 +61,7 @@ PRESETS = {
 }
 METHODS = {
     "baseline": "--reweight-teacher none",
+    "oracle": "--reweight-teacher oracle",
     "surface": "--reweight-teacher surface",
     "deep": "--reweight-teacher deep",
 }
@@ -106,11 +110,9 @@ def pretrain(data, out, preset, seed, train_args):
     return ckpt
 
 
-def finetune(data, pretrained, out, preset, method, seed, train_args):
+def finetune(data, pretrained, out, preset, flags, seed, train_args):
+    """The fine-tune's checkpoint and its fairseq-train command (run unless the checkpoint exists)."""
     ckpt = out / "checkpoint_last.pt"
-    if ckpt.exists():
-        log(f"fine-tuned model found: {ckpt}")
-        return ckpt
     p = preset
     cmd = fairseq_bin("fairseq-train") + [str(data), "--user-dir", str(USER_DIR),
            "--task", "reweight_translation", "--criterion", "reweighted_cross_entropy",
@@ -122,9 +124,15 @@ def finetune(data, pretrained, out, preset, method, seed, train_args):
            "--reweight-interval", str(p["interval"]), "--reweight-backprop-steps", str(p["backprop"]),
            "--teacher-lr", str(p["teacher_lr"]), "--save-dir", str(out), "--no-epoch-checkpoints",
            "--log-format", "simple", "--log-interval", "20"]
-    cmd += shlex.split(METHODS[method]) + shlex.split(p["model"]) + shlex.split(p["device"]) + train_args
-    run(cmd, out.parent / "logs" / f"{out.name}.log")
-    return ckpt
+    sidecar = Path(data) / "train.noise"
+    if sidecar.exists():  # the noise AUC in the log (does not change training), and the oracle's labels
+        cmd += ["--reweight-noise-sidecar", str(sidecar)]
+    cmd += shlex.split(flags) + shlex.split(p["model"]) + shlex.split(p["device"]) + train_args
+    if ckpt.exists():
+        log(f"fine-tuned model found: {ckpt}")
+    else:
+        run(cmd, out.parent / "logs" / f"{out.name}.log")
+    return ckpt, cmd
 
 
 def remove_subword_flag(data):
@@ -143,56 +151,43 @@ def translate(data, ckpt, out_dir, preset):
                "--remove-bpe", remove_subword_flag(data), "--results-path", str(out_dir)]
         cmd += shlex.split(preset["device"])
         run(cmd, out_dir / "generate.log")
-    hyps, refs = {}, {}
-    for line in hyp_file.read_text(encoding="utf-8").splitlines():
-        tag, _, rest = line.partition("-")
-        if tag in ("H", "T"):
-            fields = rest.split("\t")
-            idx = int(fields[0])
-            (hyps if tag == "H" else refs)[idx] = fields[-1]
-    order = sorted(refs)
-    return [hyps.get(i, "") for i in order], [refs[i] for i in order]
+    return results.read_hypotheses(hyp_file)
 
 
-def score(hyps, refs):
-    import sacrebleu
-    from sacremoses import MosesDetokenizer
-
-    tok_bleu = sacrebleu.corpus_bleu(hyps, [refs], tokenize="none", force=True)
-    detok = MosesDetokenizer(lang="en")
-    d_hyps = [detok.detokenize(h.split()) for h in hyps]
-    d_refs = [detok.detokenize(r.split()) for r in refs]
-    metric = sacrebleu.metrics.BLEU(lowercase=True)
-    detok_bleu = metric.corpus_score(d_hyps, [d_refs])
-    return tok_bleu.score, detok_bleu.score, str(metric.get_signature())
+def method_flags(args):
+    """{method: fine-tuning flags} of --methods and every --variant."""
+    flags = {m: METHODS[m] for m in args.methods}
+    for spec in args.variant:
+        name, sep, extra = spec.partition("=")
+        if not sep or not name or name in METHODS:
+            sys.exit(f"[experiment] error: --variant {spec!r}: expected NAME=\"FLAGS\" with a new NAME")
+        flags[name] = extra if "--reweight-teacher" in extra else METHODS["deep"] + " " + extra
+    return flags
 
 
-def write_tables(rows, out, conditions, seeds, beam):
-    """Write OUT/results.csv (every run) and OUT/results.md (the table); return the table's text."""
-    with open(out / "results.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["data", "method", "seed", "tokenized_bleu", "sacrebleu", "signature"])
-        writer.writerows(rows)
-    lines = ["| method | " + " | ".join(conditions) + " |", "|---|" + "---|" * len(conditions)]
-    for method in METHODS:
-        cells = []
-        for cond in conditions:
-            vals = [r[3] for r in rows if r[0] == cond and r[1] == method]
-            if not vals:
-                cells.append("-")
-            elif len(vals) == 1:
-                cells.append(f"{vals[0]:.2f}")
-            else:
-                cells.append(f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    signature = rows[0][5] if rows else ""
-    text = "\n".join(lines) + (
-        f"\n\nTokenized lower-case BLEU on the test set (beam {beam}), mean ± std over seeds "
-        f"{' '.join(map(str, seeds))} ({len(seeds)} run(s) each). Detokenized sacreBLEU per run in "
-        f"results.csv ({signature}).\n"
-    )
-    (out / "results.md").write_text(text)
-    return text
+def run_condition(cond, data, args, preset, flags, train_args):
+    """Every method and seed of one data condition; returns the results.csv rows."""
+    rows = []
+    for seed in args.seeds:
+        pre_seed = args.pretrain_seed or seed
+        pre = pretrain(data, args.out / f"{cond}-pretrain-seed{pre_seed}", preset, pre_seed,
+                       train_args + shlex.split(args.pretrain_args))
+        for method, method_args in flags.items():
+            if "oracle" in method_args.split() and not (Path(data) / "train.noise").exists():
+                log(f"{cond}: no train.noise in {data}, so no oracle (it would be the baseline)")
+                continue
+            name = f"{cond}-{method}-seed{seed}"
+            ckpt, cmd = finetune(data, pre, args.out / name, preset, method_args, seed,
+                                 train_args + shlex.split(args.finetune_args))
+            hyps, refs = translate(data, ckpt, args.out / name / "test", preset)
+            tok_bleu, sacre, chrf, bleu_sig, chrf_sig = results.score(hyps, refs)
+            sec, auc = results.training_figures(args.out / "logs" / f"{name}.log")
+            log(f"{name}: tokenized BLEU {tok_bleu:.2f}, sacreBLEU {sacre:.2f}, chrF {chrf:.2f}")
+            rows.append(dict(data=cond, method=method, seed=seed, tokenized_bleu=round(tok_bleu, 2),
+                             sacrebleu=round(sacre, 2), chrf=round(chrf, 2), noise_auc=auc, sec_per_update=round(sec, 4),
+                             bleu_signature=bleu_sig, chrf_signature=chrf_sig, run_dir=str(args.out / name),
+                             command=" ".join(shlex.quote(c) for c in cmd)))
+    return rows
 
 
 def main(argv=None):
@@ -202,6 +197,10 @@ def main(argv=None):
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny-cpu")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
+    parser.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
+                        help="another method: the deep teacher with these fine-tuning flags (repeatable)")
+    parser.add_argument("--pretrain-seed", type=int, default=None,
+                        help="pretrain once with this seed and fine-tune every seed from it (default: one per seed)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--train-args", default="", help="extra flags for every fairseq-train call")
     parser.add_argument("--pretrain-args", default="", help="extra flags for the pretraining calls only (e.g. --fp16)")
@@ -224,21 +223,18 @@ def main(argv=None):
         conditions[name] = Path(path)
     train_args = shlex.split(args.train_args)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    flags = method_flags(args)
     started = time.time()
+    rows = []
     for cond, data in conditions.items():
-        for seed in args.seeds:
-            pre = pretrain(data, args.out / f"{cond}-pretrain-seed{seed}", preset, seed,
-                           train_args + shlex.split(args.pretrain_args))
-            for method in args.methods:
-                name = f"{cond}-{method}-seed{seed}"
-                ckpt = finetune(data, pre, args.out / name, preset, method, seed,
-                                train_args + shlex.split(args.finetune_args))
-                hyps, refs = translate(data, ckpt, args.out / name / "test", preset)
-                tok_bleu, sacre, signature = score(hyps, refs)
-                log(f"{name}: tokenized BLEU {tok_bleu:.2f}, sacreBLEU {sacre:.2f}")
-                rows.append([cond, method, seed, round(tok_bleu, 2), round(sacre, 2), signature])
-    table = write_tables(rows, args.out, list(conditions), args.seeds, preset["beam"])
+        rows += run_condition(cond, data, args, preset, flags, train_args)
+    all_rows = results.merge_csv(args.out / "results.csv", rows)
+    pretrained = (f"one pretrained student (seed {args.pretrain_seed}) per condition for all fine-tuning seeds"
+                  if args.pretrain_seed else "one pretrained student per fine-tuning seed")
+    note = (f"Test set, beam {preset['beam']}; mean ± std over seeds; {pretrained}; "
+            f"{preset['finetune_updates']} fine-tuning updates.")
+    methods = list(dict.fromkeys([r["method"] for r in all_rows] + list(flags)))
+    table = results.write_tables(all_rows, args.out, list(conditions), methods, note)
     print("\n" + table)
     log(f"wrote {args.out / 'results.md'} and results.csv in {time.time() - started:.0f}s")
 

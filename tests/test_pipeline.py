@@ -1,5 +1,6 @@
 """The experiment pipeline end to end at the smallest size: synthetic corpus -> data_prep (clean
-and masked noise) -> examples/run_experiment.py (pretrain, three fine-tunes, generation, BLEU)."""
+and masked noise) -> examples/run_experiment.py (pretrain, baseline / oracle / teacher fine-tunes,
+generation, BLEU, chrF, significance)."""
 import csv
 import os
 import subprocess
@@ -25,17 +26,24 @@ def test_pipeline_micro(tmp_path):
     cmd = [sys.executable, f"{REPO}/examples/run_experiment.py", "--preset", "micro", "--out", str(out),
            "--data", f"noisy={noisy}/data-bin"]
     stdout = _run(cmd)
-    assert "| method | noisy |" in stdout
+    assert "| method | seeds | BLEU (tok.) | sacreBLEU | chrF |" in stdout
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["method"] for r in rows] == ["baseline", "surface", "deep"]
+    assert [r["method"] for r in rows] == ["baseline", "oracle", "surface", "deep"]
     for row in rows:
-        assert 0.0 <= float(row["tokenized_bleu"]) <= 100.0
-        assert row["signature"].startswith("nrefs:1|case:lc")
+        assert 0.0 <= float(row["tokenized_bleu"]) <= 100.0 and 0.0 <= float(row["chrf"]) <= 100.0
+        assert row["bleu_signature"].startswith("nrefs:1|case:lc") and row["chrf_signature"].startswith("nrefs:1")
+        assert float(row["sec_per_update"]) > 0 and "fairseq-train" in row["command"]
+    oracle = next(r for r in rows if r["method"] == "oracle")
+    assert float(oracle["noise_auc"]) == 1.0 and "--reweight-teacher oracle" in oracle["command"]
+    oracle_line = next(line for line in stdout.splitlines() if line.startswith("| oracle |"))
+    assert oracle_line.count("|") == 11  # the ten columns, p-value included
     # every generated test set is complete (no ragged last batch dropped)
     hyps = (out / "noisy-deep-seed1" / "test" / "generate-test.txt").read_text().count("\nH-")
     assert hyps == 30
-    # a second run finds every step done and only rescores
-    again = _run(cmd)
+    # a second run finds every step done and only rescores; results.csv keeps the first run's rows
+    again = _run(cmd[:-2] + ["--data", f"noisy={noisy}/data-bin", "--methods", "baseline"])
     assert "fine-tuned model found" in again
     assert "[experiment] $ " not in again  # no fairseq command ran
+    with open(out / "results.csv") as fh:
+        assert [r["method"] for r in csv.DictReader(fh)] == ["baseline", "oracle", "surface", "deep"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from fairseq.dataclass import ChoiceEnum
+from fairseq.logging import metrics
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
@@ -30,12 +31,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ReweightTranslationConfig(TranslationConfig):
-    reweight_teacher: ChoiceEnum(["none", "deep", "surface"]) = field(
+    reweight_teacher: ChoiceEnum(["none", "deep", "surface", "oracle"]) = field(
         default="deep",
         metadata={
             "help": "none: uniform weights (plain fine-tuning, the baseline); deep: the paper's "
             "deep-interaction teacher on the student's internal states and the label; surface: "
-            "a teacher on surface features only (progress, loss, best-valid, prediction, margin)"
+            "a teacher on surface features only (progress, loss, best-valid, prediction, margin); "
+            "oracle: weight 0 for every token of a pair --reweight-noise-sidecar marks noisy, 1 "
+            "otherwise (the bound of down-weighting the noise; no meta-updates)"
         },
     )
     teacher_features: str = field(
@@ -127,6 +130,7 @@ class ReweightTranslationTask(TranslationTask):
     def __init__(self, cfg, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
         self.driver = None
+        self.oracle = None
 
     def build_criterion(self, cfg):
         criterion = super().build_criterion(cfg)
@@ -137,6 +141,8 @@ class ReweightTranslationTask(TranslationTask):
                 f"--reweight-teacher {self.cfg.reweight_teacher} needs --criterion "
                 f"reweighted_cross_entropy (got {type(criterion).__name__})"
             )
+        if self.cfg.reweight_teacher == "oracle":
+            return self._attach_oracle(criterion)
         self._check_meta_valid_split()
         model_cfg = self._model_cfg
         weigher = TokenWeigher(
@@ -153,6 +159,17 @@ class ReweightTranslationTask(TranslationTask):
         self.driver = ReweightDriver(self.cfg, weigher, self.meta_valid_batches, monitor)
         criterion.reweight = self.driver  # checkpointed with the criterion (see driver.py)
         criterion.weight_fn = self.driver.token_weights
+        return criterion
+
+    def _attach_oracle(self, criterion):
+        from fairseq_reweight.nmt.oracle import OracleWeigher
+
+        if self.cfg.train_subset not in self.datasets:  # the sidecar is checked against its size now
+            self.load_dataset(self.cfg.train_subset, combine=False, epoch=1)
+        self.oracle = OracleWeigher(self.cfg.reweight_noise_sidecar, len(self.dataset(self.cfg.train_subset)),
+                                    self.tgt_dict.pad(), self.cfg.seed)
+        criterion.oracle = self.oracle  # moves to the device with the criterion
+        criterion.weight_fn = lambda sample, encoder_out, net_output, lprobs, params=None: self.oracle(sample)
         return criterion
 
     def build_model(self, cfg, from_checkpoint=False):
@@ -207,6 +224,9 @@ class ReweightTranslationTask(TranslationTask):
             epoch += 1
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        if self.oracle is not None:
+            for key, value in self.oracle.noise_stats.items():  # as a teacher's, in every log line
+                metrics.log_scalar(key, value, weight=0, round=4)
         if self.driver is None:
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
         self.driver.on_micro_batch(model, criterion, optimizer, update_num, sample, ignore_grad)
@@ -220,6 +240,11 @@ class ReweightTranslationTask(TranslationTask):
 
 def check_options(cfg: ReweightTranslationConfig) -> None:
     """The teacher's options, checked when fairseq sets up the task (before any data is read)."""
+    if cfg.reweight_teacher == "oracle":
+        if not cfg.reweight_noise_sidecar:
+            raise ReweightConfigError("--reweight-teacher oracle needs --reweight-noise-sidecar (the train.noise file "
+                                      "written by data_prep/make_noisy_iwslt.sh)")
+        return
     check_schedule(cfg.reweight_interval, cfg.reweight_backprop_steps)
     features = parse_features(cfg.teacher_features, cfg.reweight_teacher)
     if "progress" in features and cfg.max_update <= 0:

@@ -1,0 +1,90 @@
+"""--reweight-teacher oracle: noisy pairs out of the loss, the same batches as the baseline."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from fairseq_helpers import REWEIGHT, TINY_TRANSFORMER, inner_stats, run_train
+from fairseq_reweight.nmt.oracle import OracleWeigher
+
+N_TRAIN = 300  # conftest's tiny corpus
+COMMON = TINY_TRANSFORMER + REWEIGHT + ["--lr", "0.05", "--momentum", "0.9", "--label-smoothing", "0.1",
+                                        "--update-freq", "2", "--max-update", "6", "--no-epoch-checkpoints"]
+
+
+def _sidecar(path, noisy):
+    path.write_text("".join(f"{int(i in noisy)}\n" for i in range(N_TRAIN)))
+    return str(path)
+
+
+def _losses(stats):
+    return [s["loss"] for s in inner_stats(stats)]
+
+
+def _model(directory):
+    return torch.load(directory / "checkpoint_last.pt")["model"]
+
+
+def test_oracle_without_noise_is_the_baseline_bit_for_bit(tiny_data_bin, tmp_path):
+    base = run_train(tiny_data_bin, str(tmp_path / "base"), COMMON + ["--reweight-teacher", "none"])
+    oracle = run_train(tiny_data_bin, str(tmp_path / "oracle"), COMMON + [
+        "--reweight-teacher", "oracle", "--reweight-noise-sidecar", _sidecar(tmp_path / "none.noise", set())])
+    assert _losses(base) == _losses(oracle) and len(_losses(base)) == 6
+    a, b = _model(tmp_path / "base"), _model(tmp_path / "oracle")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_oracle_drops_noisy_pairs_and_logs_what_a_teacher_logs(tiny_data_bin, tmp_path):
+    noisy = set(range(0, N_TRAIN, 3))
+    stats = inner_stats(run_train(tiny_data_bin, str(tmp_path / "o"), COMMON + [
+        "--reweight-teacher", "oracle", "--reweight-noise-sidecar", _sidecar(tmp_path / "t.noise", noisy)]))
+    last = stats[-1]
+    assert (float(last["noise_auc"]), float(last["noise_w_noisy"]), float(last["noise_w_clean"])) == (1.0, 0.0, 1.0)
+    assert 0.5 < float(last["w_mean"]) < 0.8  # about two thirds of the tokens are clean
+    base = inner_stats(run_train(tiny_data_bin, str(tmp_path / "b"), COMMON + ["--reweight-teacher", "none"]))
+    assert stats[0]["loss"] != base[0]["loss"]
+
+
+def test_all_noisy_batches_contribute_nothing(tiny_data_bin, tmp_path):
+    run_train(tiny_data_bin, str(tmp_path / "init"), COMMON + ["--reweight-teacher", "none", "--lr", "0"])  # stays put
+    stats = inner_stats(run_train(tiny_data_bin, str(tmp_path / "o"), COMMON + [
+        "--reweight-teacher", "oracle", "--reweight-noise-sidecar", _sidecar(tmp_path / "all.noise", set(range(N_TRAIN)))]))
+    assert len(stats) == 6 and all(float(s["loss"]) == 0.0 for s in stats)
+    before, after = _model(tmp_path / "init"), _model(tmp_path / "o")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # zero gradients, no weight decay: no move
+
+
+def test_weigher_gives_zero_to_every_token_of_a_noisy_pair(tmp_path):
+    weigher = OracleWeigher(_sidecar(tmp_path / "s.noise", {1}), N_TRAIN, pad=1, seed=1)
+    target = torch.tensor([[5, 6, 2], [7, 2, 1], [8, 9, 1]])
+    w, raw = weigher({"id": torch.tensor([0, 1, 2]), "target": target})
+    assert raw.tolist() == [[1, 1, 1], [0, 0, 0], [1, 1, 0]]
+    # normalised as a teacher's weights: mean 1 over the 7 non-pad tokens, so each clean one weighs 7/5
+    assert w.sum().item() == pytest.approx(7.0) and w[0, 0].item() == pytest.approx(1.4) and (w[1] == 0).all()
+
+
+@pytest.mark.parametrize("sidecar, message", [
+    (None, "--reweight-teacher oracle needs --reweight-noise-sidecar"),
+    ("missing.noise", "noise sidecar 'missing.noise' not found"),
+    ("short.noise", "has 10 lines but the split has 300 sentences"),
+])
+def test_bad_sidecar_is_one_line_at_start_up(tiny_data_bin, tmp_path, sidecar, message):
+    (tmp_path / "short.noise").write_text("0\n" * 10)
+    args = [tiny_data_bin] + COMMON + ["--reweight-teacher", "oracle", "--no-save"]
+    if sidecar:
+        args += ["--reweight-noise-sidecar", str(tmp_path / sidecar) if sidecar == "short.noise" else sidecar]
+    result = subprocess.run([sys.executable, "-m", "fairseq_cli.train"] + args, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_oracle_trains_with_any_fairseq_optimizer(tiny_data_bin, tmp_path):
+    flags = [f for f in COMMON if f not in ("--momentum", "0.9")]
+    flags[flags.index("reweight_sgd")] = "adam"
+    stats = inner_stats(run_train(tiny_data_bin, str(tmp_path / "adam"), flags + [
+        "--reweight-teacher", "oracle", "--reweight-noise-sidecar", _sidecar(tmp_path / "a.noise", {0, 5})]))
+    assert len(stats) == 6 and float(stats[-1]["noise_auc"]) == 1.0
