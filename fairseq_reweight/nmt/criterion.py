@@ -106,11 +106,22 @@ class ReweightedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
 
     def load_state_dict(self, state_dict, strict=True, **kwargs):
         """A checkpoint without a teacher (e.g. pretrained with plain fairseq, or fine-tuned with
-        ``--reweight-teacher none``) leaves the fresh teacher as it is: fine-tuning starts uniform."""
+        ``--reweight-teacher none``), or ``--reset-teacher``, leaves the fresh teacher as it is."""
+        if getattr(self.task.cfg, "reset_teacher", False):
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("reweight.")}
         if not state_dict:
-            logger.info("checkpoint has no teacher state: starting from a fresh teacher")
+            logger.info("no teacher state loaded (none in the checkpoint, or --reset-teacher): a fresh teacher")
             return
-        return super().load_state_dict(state_dict, strict=strict, **kwargs)
+        try:
+            return super().load_state_dict(state_dict, strict=strict, **kwargs)
+        except (RuntimeError, ValueError) as error:  # parameter shapes, or the teacher's Adam state
+            # fairseq's trainer turns any Exception here into "please ensure that the architectures
+            # match"; SystemExit passes through it with the reason and the fix
+            raise SystemExit(
+                "fairseq-reweight: error: the checkpoint's teacher does not fit this one (other --teacher-features, "
+                "--teacher-hidden-layers or --teacher-hidden-dim?): use the options it was trained with, or "
+                f"--reset-teacher to start the teacher fresh ({str(error).splitlines()[0]})"
+            ) from None
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:

@@ -1,13 +1,10 @@
 """The meta-update driver: the teacher inside fairseq training (Algorithm 1 of the paper).
 
-Before update N with N a multiple of K (``--reweight-interval``), i.e. only when another student
-update follows, the driver draws a batch of
-``--meta-valid-subset``, takes the validation gradient at the student's parameters, differentiates
-it through the last B updates (``--reweight-backprop-steps``, :func:`.replay.teacher_hypergradient`)
-and steps the teacher with Adam. The driver is attached to the criterion because fairseq's trainer
-checkpoints and restores the criterion's state dict (never the task's); the teacher's parameters do
-not require grad, so the student optimizer (built from the model's and criterion's trainable
-parameters) never sees them.
+Before update N = K, 2K, ... (``--reweight-interval``) the driver draws a ``--meta-valid-subset``
+batch, differentiates its loss through the last B updates (:func:`.replay.meta_gradient`) and steps
+the teacher with Adam. It is attached to the criterion because fairseq checkpoints the criterion's
+state (never the task's); the teacher's parameters do not require grad, so the student optimizer
+(built from the model's and criterion's trainable parameters) never sees them.
 """
 import math
 import time
@@ -19,7 +16,7 @@ from torch import nn
 from fairseq_reweight.core.features import TrainingState
 from fairseq_reweight.core.teacher import apply_teacher_gradient
 from fairseq_reweight.nmt.recorder import StepRecorder
-from fairseq_reweight.nmt.replay import all_reduce_fn, check_in_sync, replay_session, teacher_hypergradient
+from fairseq_reweight.nmt.replay import check_in_sync, check_skips, meta_gradient, replay_session
 from fairseq_reweight.nmt.weigher import TokenWeigher
 
 
@@ -32,7 +29,7 @@ class ReweightDriver(nn.Module):
         self.teacher_optimizer = torch.optim.Adam(weigher.teacher.parameters(), lr=cfg.teacher_lr)
         self.recorder = StepRecorder(cfg.reweight_backprop_steps, cfg.reweight_history == "checkpoint", cfg.clip_norm)
         self.meta_valid_batches, self.noise_monitor = meta_valid_batches, noise_monitor
-        self.num_meta_updates, self.meta_valid_consumed = 0, 0
+        self.num_meta_updates = self.meta_valid_consumed = self.meta_skipped = self.consecutive_skips = 0
         self.best_meta_valid_loss = float("inf")
         self.running_loss = None  # running mean training loss, a tensor: no GPU sync per step
         self.update_num, self.last_meta_update = 0, -1
@@ -89,15 +86,19 @@ class ReweightDriver(nn.Module):
                             self.cfg.meta_valid_loss, update_num, self._shadow) as replay:
             sample = next(self._meta_valid_iter)  # inside: a new epoch draws from torch's global RNG
             self.meta_valid_consumed += 1
-            val_loss, val_grad = replay.validation_gradient(sample)
-            result = teacher_hypergradient(replay, steps, val_grad, self.cfg.reweight_history, all_reduce=all_reduce_fn())
-        gnorm = apply_teacher_gradient(self.teacher, self.teacher_optimizer, result.teacher_grad, self.cfg.teacher_clip_norm)
+            val_loss, grads = meta_gradient(replay, steps, sample, self.cfg.reweight_history)
+        self.consecutive_skips = 0 if grads is not None else self.consecutive_skips + 1
+        if grads is None:  # keep the teacher as it was; the count is logged with every update from now on
+            self.meta_skipped += 1
+            self.last_meta_stats["meta_skipped"] = self.meta_skipped
+            return check_skips(self.consecutive_skips, self.cfg.reweight_max_skips, update_num, val_loss)
+        gnorm = apply_teacher_gradient(self.teacher, self.teacher_optimizer, grads, self.cfg.teacher_clip_norm)
         check_in_sync(self.teacher)
         self.num_meta_updates += 1
         self.best_meta_valid_loss = min(self.best_meta_valid_loss, val_loss)
         stats = {"meta_val_loss": val_loss / math.log(2), "teacher_gnorm": gnorm.item(),
                  "meta_time": time.perf_counter() - start}
-        if self.noise_monitor is not None:
+        if self.noise_monitor is not None:  # its latest figures, logged when new
             noise, new = self.noise_monitor.update(self, model, criterion, self.num_meta_updates)
             stats.update(noise if new else {})
             self.last_meta_stats.update(noise)
@@ -106,19 +107,21 @@ class ReweightDriver(nn.Module):
         self.last_meta_stats.update(stats)
 
     # -- checkpoint state ----------------------------------------------------------------------------
+    COUNTERS = ("num_meta_updates", "best_meta_valid_loss", "meta_valid_consumed", "last_meta_update", "meta_skipped")
+
     def get_extra_state(self):
         """Teacher optimizer, counters and the replay history: a resumed run continues exactly."""
         running = None if self.running_loss is None else float(self.running_loss)
-        return {"teacher_optimizer": self.teacher_optimizer.state_dict(), "num_meta_updates": self.num_meta_updates,
-                "best_meta_valid_loss": self.best_meta_valid_loss, "running_train_loss": running,
-                "meta_valid_consumed": self.meta_valid_consumed, "last_meta_update": self.last_meta_update,
-                "last_meta_stats": dict(self.last_meta_stats),
+        return {**{name: getattr(self, name) for name in self.COUNTERS}, "running_train_loss": running,
+                "teacher_optimizer": self.teacher_optimizer.state_dict(), "last_meta_stats": dict(self.last_meta_stats),
                 "history": self.recorder.state_dict()}
 
     def set_extra_state(self, state):
+        for name in self.COUNTERS:
+            setattr(self, name, state.get(name, getattr(self, name)))
         self.teacher_optimizer.load_state_dict(state["teacher_optimizer"])
-        self.num_meta_updates, self.meta_valid_consumed = state["num_meta_updates"], state["meta_valid_consumed"]
-        self.best_meta_valid_loss, self.last_meta_update = state["best_meta_valid_loss"], state["last_meta_update"]
+        for group in self.teacher_optimizer.param_groups:  # a new --teacher-lr wins, as fairseq's --lr does
+            group["lr"] = self.cfg.teacher_lr
         loss = state["running_train_loss"]
         self.running_loss = None if loss is None else torch.tensor(loss)
         self.last_meta_stats = dict(state["last_meta_stats"])

@@ -6,6 +6,7 @@ each step (learning rate, momentum, ...) and calls back, and the recorder attach
 needs: the update number (the trainer seeds dropout with ``seed + num_updates``), the micro-batches
 in trainer order, and the ``--clip-norm`` threshold.
 """
+import logging
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -16,6 +17,8 @@ from fairseq_reweight.core.checks import check_reversible
 from fairseq_reweight.core.errors import ReweightConfigError
 from fairseq_reweight.core.sgd import record_from_state, record_to_state
 from fairseq_reweight.nmt.fairseq_contract import inner_optimizer, is_memory_efficient_fp16, update_attempt_started
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,6 +101,10 @@ class StepRecorder:
 
     def load_state_dict(self, states: list) -> None:
         self._restored = [record_from_state(s, _data_from_state) for s in states]
+        if self._restored and self.store_states != all(r.params is not None for r in self._restored):
+            # written with the other --reweight-history: its records lack (or carry) the stored states
+            logger.info("replay history from another --reweight-history: the next meta-update waits for B new updates")
+            self._restored = []
         if self.optimizer is not None:
             self.optimizer.history.clear()
             self._adopt(self.optimizer)

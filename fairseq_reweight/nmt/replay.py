@@ -10,6 +10,7 @@ driver's meta-update and the gradcheck command).
 import contextlib
 import copy
 import dataclasses
+import math
 from typing import List, Optional
 
 import torch
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from fairseq import utils
 
 from fairseq_reweight.core import HypergradResult, reverse_hypergradient
+from fairseq_reweight.core.errors import ReweightConfigError
 from fairseq_reweight.core.reparam import substitute_parameters
 from fairseq_reweight.nmt import fairseq_contract as contract
 
@@ -165,6 +167,30 @@ def teacher_hypergradient(replay: Replay, steps: List, val_grad, mode: str, teac
         student.theta(), student.momentum(), replay.omega, [student.convert_record(s) for s in steps],
         replay.loss_fn, val_grad, mode=mode, all_reduce=all_reduce, teacher_grad_only=teacher_grad_only,
     )
+
+
+def all_finite(tensors) -> bool:
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def meta_gradient(replay: Replay, steps: List, sample, mode: str):
+    """(validation loss, teacher gradient) of one meta-update, the gradient None where the validation
+    gradient or the hypergradient has non-finite entries (a diverged student: skip the update)."""
+    val_loss, val_grad = replay.validation_gradient(sample)
+    if not (math.isfinite(val_loss) and all_finite(val_grad)):
+        return val_loss, None
+    grads = teacher_hypergradient(replay, steps, val_grad, mode, all_reduce=all_reduce_fn()).teacher_grad
+    return val_loss, grads if all_finite(grads) else None
+
+
+def check_skips(consecutive: int, max_skips: int, update_num: int, val_loss: float) -> None:
+    """Stop with one line after ``--reweight-max-skips`` skipped meta-updates in a row."""
+    if consecutive >= max_skips > 0:
+        raise ReweightConfigError(
+            f"{consecutive} meta-updates in a row (the last before update {update_num}) had a non-finite "
+            f"validation gradient or teacher gradient (validation loss {val_loss:.4g}): the student diverged; "
+            "lower --lr (or --teacher-lr), or raise --reweight-max-skips"
+        )
 
 
 def check_in_sync(module: torch.nn.Module) -> None:

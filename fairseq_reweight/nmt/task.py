@@ -98,6 +98,16 @@ class ReweightTranslationConfig(TranslationConfig):
             "of the training split during training (does not change training)"
         },
     )
+    reset_teacher: bool = field(
+        default=False,
+        metadata={"help": "on --restore-file, do not load the checkpoint's teacher, its Adam state and counters: "
+                  "start the teacher fresh (e.g. after changing its shape)"},
+    )
+    reweight_max_skips: int = field(
+        default=5,
+        metadata={"help": "stop after this many meta-updates in a row are skipped for a non-finite validation "
+                  "gradient or teacher gradient (0: never stop)"},
+    )
     reweight_noise_auc_interval: int = field(
         default=10, metadata={"help": "with --reweight-noise-sidecar: compute noise_auc every N meta-updates"}
     )
