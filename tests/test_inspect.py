@@ -297,8 +297,14 @@ def test_influence_command_writes_tables_and_the_auc(noisy_bin, tmp_path, capsys
     run_train(noisy_bin, str(tmp_path / "student"), TRAIN[:-2] + ["--max-update", "40", "--reweight-teacher", "none"])
     out = tmp_path / "out"
     result = influence_cmd.main([noisy_bin, "--path", str(tmp_path / "student" / "checkpoint_last.pt"), "--cpu",
-                                 "--out", str(out), "--max-sentences", "150", "--meta-valid-loss", "nll"])
+                                 "--out", str(out), "--max-sentences", "150", "--meta-valid-loss", "nll", "--by-layer"])
     printed = capsys.readouterr().out
+    # --by-layer: the influence is linear in the direction, so the groups' shares add up to it
+    by_layer = result["by_layer"]
+    assert {"embeddings (shared)", "encoder layers", "decoder cross-attention", "decoder self-attention"} <= set(by_layer)
+    np.testing.assert_allclose(sum(r.influence for r in by_layer.values()), result["result"].influence,
+                               rtol=1e-4, atol=1e-7)
+    assert "mean influence by parameter group" in printed
     assert "validation objective: plain NLL on valid" in printed
     assert "ROC AUC of 'low influence => noisy pair'" in printed and "tokens of noisy pairs" in printed
     noisy = read_noise_sidecar(os.path.join(noisy_bin, "train.noise"))

@@ -223,6 +223,22 @@ def write_tables(out_dir, result: TokenInfluence, tgt_dict, token_noisy, sentenc
     return tokens_path, sentences_path
 
 
+def noise_summary_lines(result, sent_influence, sent_noisy, token_noisy, sidecar):
+    """The summary's noise lines and figures: the AUC of 'low influence => noisy pair', if labelled."""
+    from fairseq_reweight.core.metrics import roc_auc_low_weight_noisy
+
+    if sent_noisy is None:
+        return ["no noise sidecar: no AUC (give --noise-sidecar, e.g. data-bin/train.noise)"], {}
+    auc = roc_auc_low_weight_noisy(sent_influence, sent_noisy)
+    token_auc = roc_auc_low_weight_noisy(result.influence, token_noisy)
+    return [
+        f"noise sidecar: {sidecar}",
+        f"ROC AUC of 'low influence => noisy pair': sentences (mean influence of their tokens) {auc:.4f}, "
+        f"tokens {token_auc:.4f}  (> 0.5: the objective points the teacher at the clean pairs; "
+        "< 0.5: at the noisy ones)",
+    ], {"sentence_auc": auc, "token_auc": token_auc}
+
+
 def run(args) -> dict:
     """Compute, write the outputs, return the figures (and print the table)."""
     import torch
@@ -230,7 +246,7 @@ def run(args) -> dict:
     from fairseq import utils
 
     from fairseq_reweight.core.errors import ReweightConfigError
-    from fairseq_reweight.core.metrics import read_noise_sidecar, roc_auc_low_weight_noisy, select_sentences, spearman
+    from fairseq_reweight.core.metrics import read_noise_sidecar, select_sentences, spearman
 
     if args.max_sentences is not None and args.max_sentences < 1:
         raise ReweightConfigError(f"--max-sentences must be >= 1, got {args.max_sentences}")
@@ -281,18 +297,16 @@ def run(args) -> dict:
     ]
     figures = {"num_sentences": len(sent_ids), "num_tokens": len(result.tokens), "valid_loss": valid_value,
                "result": result, "tokens_tsv": tokens_path, "sentences_tsv": sentences_path}
-    if sent_noisy is not None:
-        auc = roc_auc_low_weight_noisy(sent_influence, sent_noisy)
-        token_auc = roc_auc_low_weight_noisy(result.influence, token_noisy)
-        figures.update(sentence_auc=auc, token_auc=token_auc)
-        lines += [
-            f"noise sidecar: {sidecar}",
-            f"ROC AUC of 'low influence => noisy pair': sentences (mean influence of their tokens) {auc:.4f}, "
-            f"tokens {token_auc:.4f}  (> 0.5: the objective points the teacher at the clean pairs; "
-            "< 0.5: at the noisy ones)",
-        ]
-    else:
-        lines.append("no noise sidecar: no AUC (give --noise-sidecar, e.g. data-bin/train.noise)")
+    if args.by_layer:
+        from fairseq_reweight.cli.influence_layers import influence_by_group, layer_table
+
+        by_group = influence_by_group(model, dataset, indices, direction, token_influence, eps=eps, pad=tgt_dict.pad(),
+                                      max_tokens=args.max_tokens, seed=args.seed, num_special=tgt_dict.nspecial)
+        lines += layer_table(by_group, token_noisy, mask_id)
+        figures["by_layer"] = by_group
+    noise_lines, noise_figures = noise_summary_lines(result, sent_influence, sent_noisy, token_noisy, sidecar)
+    lines += noise_lines
+    figures.update(noise_figures)
     summary_path = os.path.join(args.out, "summary.txt")
     with open(summary_path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
@@ -319,6 +333,9 @@ def build_parser():
                         help="score this many training sentences, half noisy where a sidecar allows (default 2000)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the subset and the random labels (default 1)")
     parser.add_argument("--max-tokens", type=int, default=2048, help="tokens per batch (default 2048)")
+    parser.add_argument("--by-layer", action="store_true",
+                        help="also split the influence by parameter group (embeddings, attention, ...; one more "
+                        "forward-mode pass per group)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
     parser.add_argument("--out", default=None, help="output directory (default: influence_<subset> beside the checkpoint)")
     return parser
