@@ -44,7 +44,30 @@ def _clip_grad_norm_float64(params, max_norm, aggregate_norm_fn=None):
     return total
 
 
+def _log_softmax_in_dtype(x, dim: int, onnx_trace: bool = False):
+    """fairseq.utils.log_softmax without its cast to float32, so a float64 check stays float64."""
+    return torch.nn.functional.log_softmax(x, dim=dim)
+
+
+def _softmax_in_dtype(x, dim: int, onnx_trace: bool = False):
+    """fairseq.utils.softmax (attention weights) likewise."""
+    return torch.nn.functional.softmax(x, dim=dim)
+
+
 def run(args) -> float:
+    """The check (see the module docstring); returns the largest relative error."""
+    from fairseq import utils as fairseq_utils
+
+    if args.gradcheck_dtype != "float64":
+        return _run(args)
+    # scoped to the check: fairseq computes (log-)softmax in float32 even for a float64 model, which
+    # would cap the agreement at ~1e-8 and hide any error smaller than float32 round-off
+    with mock.patch.object(fairseq_utils, "log_softmax", _log_softmax_in_dtype), \
+            mock.patch.object(fairseq_utils, "softmax", _softmax_in_dtype):
+        return _run(args)
+
+
+def _run(args) -> float:
     from fairseq import options, tasks
     from fairseq import utils as fairseq_utils
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf

@@ -95,6 +95,7 @@ class TokenWeigher(nn.Module):
             states.append(pooled.unsqueeze(1).expand(bsz, tgt_len, -1))
         if "decoder" in self.features:
             states.append(decoder_states(net_output).transpose(0, 1))  # B x T x C
-        surface = surface_features(lprobs.float(), target, state, self.columns) if self.columns else None
-        dense = teacher_inputs(states, surface, torch.float32)
+        dtype = torch.promote_types(lprobs.dtype, torch.float32)  # fp16 -> fp32; a float64 check stays float64
+        surface = surface_features(lprobs.to(dtype), target, state, self.columns) if self.columns else None
+        dense = teacher_inputs(states, surface, dtype)
         return dense if dense is None or self.features_grad else dense.detach()
