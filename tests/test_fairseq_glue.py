@@ -136,6 +136,8 @@ def _cli(args, cwd):
         (["--teacher-features", "encoder,colour"], "unknown --teacher-features colour"),
         (["--reweight-interval", "2", "--reweight-backprop-steps", "3"], "must be between 1 and"),
         (["--meta-valid-subset", "dev"], "--meta-valid-subset dev: no dev.de-en.de"),
+        (["--memory-efficient-fp16"], "--memory-efficient-fp16 keeps no fp32 master weights"),
+        (["--teacher-lr", "-1"], "--teacher-lr must be > 0"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tiny_data_bin, tmp_path, extra, message):

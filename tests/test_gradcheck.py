@@ -34,3 +34,19 @@ def test_gradcheck_exits_non_zero_above_the_tolerance(tiny_data_bin, capsys):
         cli_main([tiny_data_bin] + ARGS + ["--gradcheck-tolerance", "1e-30"])
     assert exit_info.value.code == 1
     assert "gradcheck FAILED" in capsys.readouterr().err
+
+
+def test_gradcheck_at_a_restored_student_or_one_clear_error(tiny_data_bin, tmp_path, capsys):
+    from fairseq_helpers import REWEIGHT, run_train
+
+    from fairseq_reweight.core.errors import ReweightConfigError
+
+    run_train(tiny_data_bin, str(tmp_path / "plain"), TINY_TRANSFORMER + REWEIGHT + [
+        "--reweight-teacher", "none", "--lr", "0.05", "--momentum", "0.9", "--max-update", "3"])
+    cli_main([tiny_data_bin] + ARGS + ["--restore-file", str(tmp_path / "plain" / "checkpoint_last.pt")])
+    assert float(capsys.readouterr().out.strip().splitlines()[-1].split(": ")[1]) < 1e-12
+    with pytest.raises(ReweightConfigError, match="--restore-file .* not found"):
+        cli_main([tiny_data_bin] + ARGS + ["--restore-file", str(tmp_path / "missing.pt")])
+    with pytest.raises(ReweightConfigError, match="does not fit the model"):
+        cli_main([tiny_data_bin] + ARGS + ["--encoder-embed-dim", "32", "--restore-file",
+                                           str(tmp_path / "plain" / "checkpoint_last.pt")])

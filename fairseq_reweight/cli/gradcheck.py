@@ -67,6 +67,31 @@ def run(args) -> float:
         return _run(args)
 
 
+def load_student(model, cfg) -> None:
+    """``--restore-file PATH``: check at that checkpoint's student (its teacher is not used: the check
+    draws small random teacher parameters). fairseq's default, checkpoint_last.pt, means none."""
+    import os
+
+    from fairseq import checkpoint_utils
+
+    from fairseq_reweight.core.errors import ReweightConfigError
+
+    path = cfg.checkpoint.restore_file
+    if path == "checkpoint_last.pt":
+        return
+    if not os.path.isfile(path):
+        raise ReweightConfigError(f"--restore-file {path!r} not found: give a checkpoint written by fairseq-train")
+    state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    if "model" not in state:
+        raise ReweightConfigError(f"--restore-file {path!r} holds no model: give a checkpoint written by fairseq-train")
+    try:
+        model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+    except RuntimeError as error:
+        raise ReweightConfigError(f"--restore-file {path!r} does not fit the model given by the other options "
+                                  f"({str(error).splitlines()[0]}): give the --arch and sizes it was trained with") from None
+    logger.warning(f"student from {path}")
+
+
 def _run(args) -> float:
     from fairseq import options, tasks
     from fairseq import utils as fairseq_utils
@@ -86,7 +111,9 @@ def _run(args) -> float:
     task = tasks.setup_task(cfg.task)
     task.load_dataset(cfg.dataset.train_subset, combine=False, epoch=1)
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.gradcheck_dtype]
-    model = task.build_model(cfg.model).to(dtype)
+    model = task.build_model(cfg.model)
+    load_student(model, cfg)
+    model = model.to(dtype)
     criterion = task.build_criterion(cfg.criterion).to(dtype)
     driver = task.driver
     with torch.no_grad():

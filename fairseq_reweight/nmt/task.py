@@ -112,6 +112,7 @@ class ReweightTranslationConfig(TranslationConfig):
         default=10, metadata={"help": "with --reweight-noise-sidecar: compute noise_auc every N meta-updates"}
     )
     seed: int = II("common.seed")
+    memory_efficient_fp16: bool = II("common.memory_efficient_fp16")
     max_update: int = II("optimization.max_update")
     clip_norm: float = II("optimization.clip_norm")
     max_tokens_valid: Optional[int] = II("dataset.max_tokens_valid")
@@ -256,6 +257,8 @@ def check_options(cfg: ReweightTranslationConfig) -> None:
                                       "written by data_prep/make_noisy_iwslt.sh)")
         return
     check_schedule(cfg.reweight_interval, cfg.reweight_backprop_steps)
+    if cfg.memory_efficient_fp16:
+        raise ReweightConfigError("--memory-efficient-fp16 keeps no fp32 master weights to replay steps from; use --fp16")
     features = parse_features(cfg.teacher_features, cfg.reweight_teacher)
     if "progress" in features and cfg.max_update <= 0:
         raise ReweightConfigError("--teacher-features progress needs --max-update > 0")
