@@ -13,6 +13,8 @@ import argparse
 import re
 import sys
 
+import textfile
+
 _WHITESPACE = re.compile(r"\s+")
 _MAX_WORD_CHARS = 1000
 
@@ -33,12 +35,12 @@ def clean_corpus(src_in, tgt_in, src_out, tgt_out, min_len=1, max_len=175, ratio
     """Writes the pairs of (src_in, tgt_in) that pass the filters; returns (pairs read, pairs kept).
 
     Raises:
-        ValueError: if the two inputs have different numbers of lines.
+        ValueError: if the two inputs have different numbers of lines, or one is not UTF-8
+            (`textfile.TextFileError`).
     """
     n_in = n_out = 0
-    with open(src_in, encoding="utf-8") as fs, open(tgt_in, encoding="utf-8") as ft, \
-            open(src_out, "w", encoding="utf-8") as fso, open(tgt_out, "w", encoding="utf-8") as fto:
-        for s, t in zip(fs, ft):
+    with open(src_out, "w", encoding="utf-8") as fso, open(tgt_out, "w", encoding="utf-8") as fto:
+        for s, t in textfile.read_pairs(src_in, tgt_in):
             n_in += 1
             s = _WHITESPACE.sub(" ", s).strip(" ")
             t = _WHITESPACE.sub(" ", t).strip(" ")
@@ -46,8 +48,6 @@ def clean_corpus(src_in, tgt_in, src_out, tgt_out, min_len=1, max_len=175, ratio
                 fso.write(s + "\n")
                 fto.write(t + "\n")
                 n_out += 1
-        if fs.readline() or ft.readline():
-            raise ValueError(f"misaligned corpus: {src_in} and {tgt_in} have different numbers of lines")
     return n_in, n_out
 
 

@@ -12,7 +12,8 @@ markup stripping of fairseq's examples/translation/prepare-iwslt14.sh:
   `</seg>` with surrounding spaces, and replace the right single quote U+2019 by `'`.
 
 Exits with a one-line error naming the archive or member when the archive is missing, unreadable,
-lacks a file, or when the two languages of a file pair have different numbers of lines.
+lacks a file, has a file that is not UTF-8 (with the line and byte offset), or when the two languages
+of a file pair have different numbers of lines.
 """
 
 import argparse
@@ -20,6 +21,8 @@ import os
 import re
 import sys
 import tarfile
+
+import textfile
 
 SRC, TGT = "de", "en"
 TRAIN_TAGS = "train.tags.de-en.{lang}"
@@ -35,6 +38,8 @@ _DROPPED_TRAIN_TAGS = ("<url>", "<talkid>", "<keywords>")
 _DELETED_TRAIN_TAGS = ("<title>", "</title>", "<description>", "</description>")
 _SEG_OPEN = re.compile(r'<seg id="[0-9]*">\s*')
 _SEG_CLOSE = re.compile(r"\s*</seg>\s*")
+_MEMBER_HINT = ("convert the file to UTF-8 (e.g. for Latin-1 text: iconv -f ISO-8859-1 -t UTF-8) and pack the "
+                "archive again")
 
 
 class ArchiveError(Exception):
@@ -73,13 +78,11 @@ def _read_member(tar, members, archive, basename):
     f = tar.extractfile(member)
     if f is None:
         raise ArchiveError(f"{archive}: {member.name} is not a regular file")
-    try:
-        text = f.read().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ArchiveError(f"{archive}: {member.name} is not UTF-8 text ({e})") from None
     # Split on "\n" only, as grep and sed do (str.splitlines also splits on U+2028, U+0085, ...).
-    lines = text.split("\n")
-    return lines[:-1] if lines and lines[-1] == "" else lines
+    try:
+        return textfile.decode_lines(f.read(), f"{archive}: {member.name}", hint=_MEMBER_HINT)
+    except textfile.TextFileError as e:
+        raise ArchiveError(str(e)) from None
 
 
 def extract(archive, out_dir):

@@ -160,10 +160,14 @@ finish_output() {  # OUT SETTINGS_TEXT
   log "done in $((SECONDS - _STEP_START))s: $out"
 }
 
-# Checks that two text files have the same number of lines.
+# Checks that two text files are UTF-8 and have the same number of lines, as the Python helpers
+# read them (textfile.py: a last line without a newline counts, unlike in `wc -l`). Bytes that are
+# not UTF-8 stop the script with one line naming the file, line and byte offset.
 require_aligned() {  # FILE_A FILE_B
-  local na nb
-  na=$(wc -l <"$1"); nb=$(wc -l <"$2")
+  local counts na nb
+  find_python
+  counts=$("$PYTHON" "$DATA_PREP_DIR/textfile.py" count "$1" "$2" 2>&1) || die "$counts"
+  read -r na nb <<<"$counts"
   [ "$na" -eq "$nb" ] || die "misaligned corpus: $1 has $na lines but $2 has $nb"
 }
 

@@ -24,14 +24,14 @@ import random
 import sys
 import tarfile
 
+import textfile
 from iwslt14_extract import TEST_SETS  # the five sets prepare_iwslt14.sh reads, in its order
 
 _LANG_NAMES = {"de": "german", "en": "english"}
 
 
 def _read(path):
-    with open(path, encoding="utf-8", newline="\n") as f:
-        return [line.rstrip("\n") for line in f]
+    return list(textfile.read_lines(path))
 
 
 def bad_pairs(n):

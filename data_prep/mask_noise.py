@@ -16,6 +16,8 @@ import random
 import sys
 from dataclasses import asdict, dataclass
 
+import textfile
+
 
 @dataclass
 class NoiseStats:
@@ -84,23 +86,23 @@ def noise_pair(src, tgt, p, q, rng, mask_token="<mask>"):
 
 
 def _words(line):
-    return [w for w in line.rstrip("\n").split(" ") if w]
+    return [w for w in line.split(" ") if w]
 
 
 def noise_corpus(src_in, tgt_in, src_out, tgt_out, noise_out, p, q, seed, mask_token="<mask>"):
     """Noises a tokenized parallel corpus file pair and writes the sidecar; returns its `NoiseStats`.
 
     Raises:
-        ValueError: bad p or q, mask token in the input, or inputs with different line counts.
+        ValueError: bad p or q, mask token in the input, inputs with different line counts, or an input
+            that is not UTF-8 (`textfile.TextFileError`).
     """
     check_probability("p", p)
     check_probability("q", q)
     rng = random.Random(seed)
     stats = NoiseStats(p=p, q=q, seed=seed, mask_token=mask_token)
-    with open(src_in, encoding="utf-8", newline="\n") as fs, open(tgt_in, encoding="utf-8", newline="\n") as ft, \
-            open(src_out, "w", encoding="utf-8") as fso, open(tgt_out, "w", encoding="utf-8") as fto, \
+    with open(src_out, "w", encoding="utf-8") as fso, open(tgt_out, "w", encoding="utf-8") as fto, \
             open(noise_out, "w", encoding="utf-8") as fno:
-        for src_line, tgt_line in zip(fs, ft):
+        for src_line, tgt_line in textfile.read_pairs(src_in, tgt_in):
             src, tgt = _words(src_line), _words(tgt_line)
             stats.pairs += 1
             if mask_token in src or mask_token in tgt:
@@ -118,8 +120,6 @@ def noise_corpus(src_in, tgt_in, src_out, tgt_out, noise_out, p, q, seed, mask_t
             fso.write(" ".join(src) + "\n")
             fto.write(" ".join(tgt) + "\n")
             fno.write("1\n" if changed else "0\n")
-        if fs.readline() or ft.readline():
-            raise ValueError(f"misaligned corpus: {src_in} and {tgt_in} have different numbers of lines")
     return stats
 
 

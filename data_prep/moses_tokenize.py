@@ -12,6 +12,8 @@ import multiprocessing
 import sys
 import time
 
+import textfile
+
 _CHUNK_LINES = 2000
 _PROGRESS_EVERY_S = 10.0
 
@@ -37,9 +39,9 @@ def _tokenize_chunk(lines):
     return [tokenize_line(line) for line in lines]
 
 
-def _chunks(f, size):
+def _chunks(lines, size):
     chunk = []
-    for line in f:
+    for line in lines:
         chunk.append(line)
         if len(chunk) == size:
             yield chunk
@@ -52,26 +54,29 @@ def tokenize_file(in_path, out_path, lang, lowercase=False, workers=1):
     """Tokenizes `in_path` line by line into `out_path`, printing progress to stderr.
 
     Args:
-        in_path: UTF-8 text, one sentence per line.
+        in_path: UTF-8 text, one sentence per line (a last line without a newline counts).
         out_path: output file (same number of lines).
         lang: language code for Moses' non-breaking prefixes (e.g. "de", "en").
         lowercase: lowercase after tokenizing (fairseq's IWSLT14 recipe does).
         workers: number of processes.
+
+    Raises:
+        textfile.TextFileError: `in_path` is not UTF-8 (found before anything is written).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    with open(in_path, "rb") as f:
-        total = sum(1 for _ in f)
+    total = textfile.count_lines(in_path)  # also checks the whole file, before the pool reads it
     start = last = time.monotonic()
     done = 0
-    with open(in_path, encoding="utf-8", newline="\n") as fin, open(out_path, "w", encoding="utf-8") as fout:
+    lines = textfile.read_lines(in_path)
+    with open(out_path, "w", encoding="utf-8") as fout:
         if workers == 1:
             _init_worker(lang, lowercase)
-            results = map(_tokenize_chunk, _chunks(fin, _CHUNK_LINES))
+            results = map(_tokenize_chunk, _chunks(lines, _CHUNK_LINES))
             pool = None
         else:
             pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(lang, lowercase))
-            results = pool.imap(_tokenize_chunk, _chunks(fin, _CHUNK_LINES))
+            results = pool.imap(_tokenize_chunk, _chunks(lines, _CHUNK_LINES))
         try:
             for chunk in results:
                 fout.writelines(line + "\n" for line in chunk)
@@ -95,8 +100,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if len(args.files) % 3:
         parser.error("give files as LANG IN OUT triples")
-    for lang, in_path, out_path in zip(*[iter(args.files)] * 3):
-        tokenize_file(in_path, out_path, lang, args.lowercase, args.workers)
+    try:
+        for lang, in_path, out_path in zip(*[iter(args.files)] * 3):
+            tokenize_file(in_path, out_path, lang, args.lowercase, args.workers)
+    except textfile.TextFileError as e:
+        sys.exit(f"moses_tokenize.py: error: {e}")
 
 
 if __name__ == "__main__":

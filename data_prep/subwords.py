@@ -9,7 +9,8 @@ Subcommands:
 BPE follows fairseq's prepare-iwslt14.sh: merges are learned on the concatenation of both training
 sides and applied without a vocabulary filter. The mask token is a subword-nmt glossary entry (and a
 sentencepiece user-defined symbol), so it is never split and reaches fairseq's dictionary as one
-symbol.
+symbol. Inputs must be UTF-8 (else a one-line error names the file, line and byte); a last line
+without a newline counts as a line.
 """
 
 import argparse
@@ -19,12 +20,9 @@ import re
 import sys
 import time
 
+import textfile
+
 _PROGRESS_EVERY_S = 10.0
-
-
-def _count_lines(path):
-    with open(path, "rb") as f:
-        return sum(1 for _ in f)
 
 
 def _progress(desc, done, total, start):
@@ -42,16 +40,11 @@ def learn_bpe(train_paths, codes_path, merges):
     """
     from subword_nmt.learn_bpe import learn_bpe as subword_nmt_learn_bpe
 
-    n_lines = sum(_count_lines(p) for p in train_paths)
+    n_lines = sum(textfile.count_lines(p) for p in train_paths)
     print(f"  learning {merges} BPE merges on {n_lines:,} lines of {', '.join(map(os.path.basename, train_paths))}",
           file=sys.stderr, flush=True)
-    files = [open(p, encoding="utf-8") for p in train_paths]
-    try:
-        with open(codes_path, "w", encoding="utf-8") as out:
-            subword_nmt_learn_bpe(itertools.chain(*files), out, merges)
-    finally:
-        for f in files:
-            f.close()
+    with open(codes_path, "w", encoding="utf-8") as out:
+        subword_nmt_learn_bpe(itertools.chain.from_iterable(map(textfile.read_lines, train_paths)), out, merges)
 
 
 def apply_bpe(codes_path, file_pairs, mask_token):
@@ -68,6 +61,8 @@ def train_spm(train_paths, model_prefix, vocab_size, mask_token):
     """Trains a joint sentencepiece BPE model with `mask_token` as a user-defined symbol."""
     import sentencepiece as spm
 
+    for path in train_paths:
+        textfile.count_lines(path)  # sentencepiece reads the files itself: check that they are UTF-8
     print(f"  training sentencepiece (bpe, vocab {vocab_size}) on {', '.join(map(os.path.basename, train_paths))}",
           file=sys.stderr, flush=True)
     spm.SentencePieceTrainer.train(
@@ -90,18 +85,19 @@ def apply_spm(model_path, file_pairs):
     processor = spm.SentencePieceProcessor(model_file=model_path)
 
     def encode(line):
-        return " ".join(processor.encode(line.rstrip("\n"), out_type=str)) + "\n"
+        return " ".join(processor.encode(line, out_type=str))
 
     for in_path, out_path in file_pairs:
         _map_lines(in_path, out_path, encode, "apply sentencepiece to " + os.path.basename(in_path))
 
 
 def _map_lines(in_path, out_path, fn, desc):
-    total = _count_lines(in_path)
+    """Writes fn(line) for each line of `in_path` (without its newline) as a line of `out_path`."""
+    total = textfile.count_lines(in_path)
     start = last = time.monotonic()
-    with open(in_path, encoding="utf-8", newline="\n") as fin, open(out_path, "w", encoding="utf-8") as fout:
-        for i, line in enumerate(fin, 1):
-            fout.write(fn(line))
+    with open(out_path, "w", encoding="utf-8") as fout:
+        for i, line in enumerate(textfile.read_lines(in_path), 1):
+            fout.write(fn(line) + "\n")
             if time.monotonic() - last > _PROGRESS_EVERY_S:
                 last = time.monotonic()
                 _progress(desc, i, total, start)
@@ -131,14 +127,17 @@ def main(argv=None):
     if args.command in ("apply-bpe", "apply-spm") and len(args.files) % 2:
         parser.error("give files as IN OUT pairs")
     file_pairs = list(zip(args.files[::2], args.files[1::2])) if args.command.startswith("apply") else None
-    if args.command == "learn-bpe":
-        learn_bpe(args.train, args.out, args.merges)
-    elif args.command == "apply-bpe":
-        apply_bpe(args.codes, file_pairs, args.mask_token)
-    elif args.command == "train-spm":
-        train_spm(args.train, args.model_prefix, args.vocab_size, args.mask_token)
-    else:
-        apply_spm(args.model, file_pairs)
+    try:
+        if args.command == "learn-bpe":
+            learn_bpe(args.train, args.out, args.merges)
+        elif args.command == "apply-bpe":
+            apply_bpe(args.codes, file_pairs, args.mask_token)
+        elif args.command == "train-spm":
+            train_spm(args.train, args.model_prefix, args.vocab_size, args.mask_token)
+        else:
+            apply_spm(args.model, file_pairs)
+    except textfile.TextFileError as e:
+        sys.exit(f"subwords.py: error: {e}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import clean_corpus  # noqa: E402
 import iwslt14_extract  # noqa: E402
 import make_iwslt_like_archive  # noqa: E402
 import mask_noise  # noqa: E402
+import textfile  # noqa: E402
 
 MASK = "<mask>"
 N_BAD = 2  # bad pairs of each of the 3 kinds injected into the archive
@@ -59,6 +60,32 @@ def error_lines(result):
 def leftovers(parent):
     """Temporary or half-written entries beside the outputs."""
     return sorted(name for name in os.listdir(parent) if ".tmp." in name or ".old." in name)
+
+
+def _repack(archive, path, edit):
+    """Writes a copy of `archive` to `path` with each member's bytes replaced by edit(name, data) (None: left out)."""
+    with tarfile.open(archive) as src, tarfile.open(path, "w:gz") as dst:
+        for member in src.getmembers():
+            data = edit(member.name, src.extractfile(member).read())
+            if data is not None:
+                member.size = len(data)
+                dst.addfile(member, io.BytesIO(data))
+    return path
+
+
+def _plain_corpus(corpus, path, sizes, end=lambda split, lang: "\n"):
+    """Copies the first sizes[split] pairs of each split of `corpus` to `path`; each file ends with end(split, lang)."""
+    path.mkdir()
+    for split, n in sizes.items():
+        for lang in ("de", "en"):
+            lines = read_lines(corpus / f"{split}.{lang}")[:n]
+            (path / f"{split}.{lang}").write_bytes(("\n".join(lines) + end(split, lang)).encode())
+    return path
+
+
+# A Latin-1 line: "ü" is the byte 0xfc, which is not UTF-8; it is the third byte of the line.
+LATIN1_LINE = "Grüße aus Köln .".encode("latin-1")
+HINT = "convert the file to UTF-8, e.g. for Latin-1 text: iconv -f ISO-8859-1 -t UTF-8 FILE >FILE.utf8"
 
 
 def tokenize(lines, lang):
@@ -329,11 +356,7 @@ def test_corrupt_archive_leaves_nothing_behind(work):
 
 
 def test_archive_without_a_test_set_names_the_missing_file(work, archive):
-    partial = work / "partial.tgz"
-    with tarfile.open(archive) as src, tarfile.open(partial, "w:gz") as dst:
-        for member in src.getmembers():
-            if "tst2012" not in member.name:
-                dst.addfile(member, src.extractfile(member))
+    partial = _repack(archive, work / "partial.tgz", lambda name, data: None if "tst2012" in name else data)
     out = work / "bad3" / "clean"
     result = run(["prepare_iwslt14.sh", "--archive", partial, out], check=False)
     assert result.returncode != 0
@@ -343,14 +366,8 @@ def test_archive_without_a_test_set_names_the_missing_file(work, archive):
 
 
 def test_misaligned_archive_is_refused(work, archive):
-    shifted = work / "misaligned.tgz"
-    with tarfile.open(archive) as src, tarfile.open(shifted, "w:gz") as dst:
-        for member in src.getmembers():
-            data = src.extractfile(member).read()
-            if member.name.endswith("train.tags.de-en.en"):
-                data += b"One extra English line .\n"
-                member.size = len(data)
-            dst.addfile(member, io.BytesIO(data))
+    shifted = _repack(archive, work / "misaligned.tgz", lambda name, data: data + b"One extra English line .\n"
+                      if name.endswith("train.tags.de-en.en") else data)
     out = work / "bad4" / "clean"
     result = run(["prepare_iwslt14.sh", "--archive", shifted, out], check=False)
     assert result.returncode != 0
@@ -374,6 +391,82 @@ def test_misaligned_plain_corpus_names_both_files(work, corpus):
     assert error_lines(result) == [f"prepare_parallel.sh: error: misaligned corpus: {plain}/valid.de has "
                                    f"40 lines but {plain}/valid.en has 39"]
     assert not out.exists()
+
+
+def test_non_utf8_corpus_is_one_line_naming_the_file_line_and_byte(work, corpus):
+    plain = _plain_corpus(corpus, work / "plain_latin1", {"train": 40, "valid": 10, "test": 10})
+    lines = read_bytes(plain / "train.de").split(b"\n")
+    lines[2] = LATIN1_LINE
+    (plain / "train.de").write_bytes(b"\n".join(lines))
+    offset = len(b"\n".join(lines[:2])) + 1 + 2
+    out = work / "bad_utf8" / "clean"
+    result = run(["prepare_parallel.sh", plain, out], check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert error_lines(result) == [f"prepare_parallel.sh: error: not UTF-8 text: {plain}/train.de line 3 "
+                                   f"(byte offset {offset}): invalid byte 0xfc: {HINT}"]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("helper", [["moses_tokenize.py", "de", "{de}", "{out}.de"],
+                                    ["clean_corpus.py", "{en}", "{de}", "{out}.en", "{out}.de"],
+                                    ["mask_noise.py", "{en}", "{de}", "{out}.en", "{out}.de", "{out}.noise"],
+                                    ["subwords.py", "learn-bpe", "--merges", "5", "--out", "{out}.code",
+                                     "{en}", "{de}"],
+                                    ["subwords.py", "train-spm", "--vocab-size", "20", "--model-prefix", "{out}",
+                                     "{en}", "{de}"]])
+def test_python_helpers_report_non_utf8_input_in_one_line(tmp_path, helper):
+    (tmp_path / "de").write_bytes(b"Ein Satz .\n" + LATIN1_LINE + b"\n")
+    (tmp_path / "en").write_bytes(b"One sentence .\nGreetings from Cologne .\n")
+    args = [a.format(de=tmp_path / "de", en=tmp_path / "en", out=tmp_path / "out") for a in helper]
+    result = run(args, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert error_lines(result) == [f"{helper[0]}: error: not UTF-8 text: {tmp_path / 'de'} line 2 (byte offset 13): "
+                                   f"invalid byte 0xfc: {HINT}"]
+
+
+def test_non_utf8_archive_member_names_the_member_line_and_byte(work, archive):
+    member = "de-en/train.tags.de-en.de"
+    lines = None
+
+    def edit(name, data):
+        nonlocal lines
+        if name != member:
+            return data
+        lines = data.split(b"\n")
+        lines[5] = LATIN1_LINE
+        return b"\n".join(lines)
+
+    latin1 = _repack(archive, work / "latin1.tgz", edit)
+    out = work / "bad_utf8_archive" / "clean"
+    result = run(["prepare_iwslt14.sh", "--archive", latin1, out], check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    offset = len(b"\n".join(lines[:5])) + 1 + 2
+    assert error_lines(result) == [f"iwslt14_extract.py: error: not UTF-8 text: {latin1}: {member} line 6 (byte offset "
+                                   f"{offset}): invalid byte 0xfc: convert the file to UTF-8 (e.g. for Latin-1 text: "
+                                   "iconv -f ISO-8859-1 -t UTF-8) and pack the archive again"]
+    assert not out.exists() and not leftovers(out.parent)
+
+
+def test_last_line_without_newline_counts_as_a_line(work, corpus):
+    sizes = {"train": 200, "valid": 20, "test": 20}
+    plains = [_plain_corpus(corpus, work / "plain_newline", sizes),
+              # de: no final newline in any split; en: only test lacks it (so valid.{de,en} differ in `wc -l`)
+              _plain_corpus(corpus, work / "plain_no_newline", sizes,
+                            end=lambda split, lang: "" if lang == "de" or split == "test" else "\n")]
+    outs = [work / "final_newline" / plain.name for plain in plains]
+    for plain, out in zip(plains, outs):
+        run(["prepare_parallel.sh", "--bpe-merges", 100, "--workers", 1, plain, out])
+
+    def output_files(out):  # all but those naming the input or output directory
+        return sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                      if p.is_file() and p.name not in ("prep.settings", "preprocess.log"))
+
+    files = output_files(outs[0])
+    assert "data-bin/dict.de.txt" in files and "data-bin/train.de-en.en.bin" in files and "tok/valid.de" in files
+    assert output_files(outs[1]) == files
+    for name in files:
+        assert read_bytes(outs[1] / name) == read_bytes(outs[0] / name), name
+    assert len(read_lines(outs[1] / "tok" / "valid.de")) == 20 and len(read_lines(outs[1] / "tok" / "test.en")) == 20
 
 
 @pytest.mark.parametrize("option,value,name", [("-p", "1.5", "p (--pair-prob)"), ("-q", "-0.1", "q (--word-prob)"),
@@ -477,3 +570,25 @@ def test_noise_corpus_rejects_mask_token_in_input(tmp_path):
     with pytest.raises(ValueError, match="line 2 .* already contains the mask token"):
         mask_noise.noise_corpus(tmp_path / "s", tmp_path / "t", tmp_path / "so", tmp_path / "to", tmp_path / "n",
                                 0.5, 0.5, 1)
+
+
+def test_textfile_reads_a_last_line_without_newline_and_names_bad_bytes(tmp_path):
+    path = tmp_path / "text"
+    path.write_bytes(b"a b\n\nc\r\nd")
+    assert list(textfile.read_lines(path)) == ["a b", "", "c\r", "d"]
+    assert textfile.count_lines(path) == 4
+    path.write_bytes(b"eins\nzwei drei\n" + "vier fünf\n".encode("latin-1"))
+    with pytest.raises(textfile.TextFileError) as e:
+        textfile.count_lines(path)
+    assert str(e.value) == f"not UTF-8 text: {path} line 3 (byte offset 21): invalid byte 0xfc: {HINT}"
+    assert textfile.decode_lines(b"x\ny", "name") == textfile.decode_lines(b"x\ny\n", "name") == ["x", "y"]
+
+
+def test_clean_corpus_pairs_a_last_line_without_newline_and_refuses_an_extra_line(tmp_path):
+    (tmp_path / "s").write_text("a b\nc d")
+    (tmp_path / "t").write_text("x y\nz w\n")
+    assert clean_corpus.clean_corpus(tmp_path / "s", tmp_path / "t", tmp_path / "so", tmp_path / "to") == (2, 2)
+    assert read_lines(tmp_path / "so") == ["a b", "c d"]
+    (tmp_path / "t").write_text("x y\nz w\nextra\n")
+    with pytest.raises(ValueError, match="misaligned corpus"):
+        clean_corpus.clean_corpus(tmp_path / "s", tmp_path / "t", tmp_path / "so", tmp_path / "to")
