@@ -233,7 +233,7 @@ def main(argv=None):
                   if args.pretrain_seed else "one pretrained student per fine-tuning seed")
     note = (f"Test set, beam {preset['beam']}; mean ± std over seeds; {pretrained}; "
             f"{preset['finetune_updates']} fine-tuning updates.")
-    methods = list(dict.fromkeys([r["method"] for r in all_rows] + list(flags)))
+    methods = list(dict.fromkeys(list(METHODS) + list(flags) + [r["method"] for r in all_rows]))
     table = results.write_tables(all_rows, args.out, list(conditions), methods, note)
     print("\n" + table)
     log(f"wrote {args.out / 'results.md'} and results.csv in {time.time() - started:.0f}s")
