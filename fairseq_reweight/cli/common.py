@@ -16,13 +16,17 @@ def check_checkpoint_and_data(path: str, data: str) -> None:
         raise ReweightConfigError(f"data directory {data!r} not found: give the fairseq data-bin the checkpoint was trained on")
 
 
-def add_checkpoint_arguments(parser: argparse.ArgumentParser, path_help: str) -> None:
-    """DATA, --path and the noise sidecar, as both inspection commands take them."""
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, path_help: str, out_prefix: str) -> None:
+    """DATA, --path, the noise sidecar, --cpu and --out, as both inspection commands take them
+    (``out_prefix`` as given to :func:`command`)."""
     parser.add_argument("data", help="fairseq data-bin directory (as for fairseq-train)")
     parser.add_argument("--path", required=True, help=path_help)
     parser.add_argument("--noise-sidecar", default=None,
                         help="0/1 noise labels, one line per sentence of the split (default: DATA/<subset>.noise if it exists)")
     parser.add_argument("--no-noise-sidecar", action="store_true", help="do not look for DATA/<subset>.noise")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
+    parser.add_argument("--out", default=None,
+                        help=f"output directory (default: {out_prefix}_<subset> beside the checkpoint)")
 
 
 def resolve_sidecar(args) -> Optional[str]:

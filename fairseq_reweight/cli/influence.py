@@ -322,7 +322,7 @@ def build_parser():
         description="First-order influence of each training token on the validation loss at a checkpoint "
         "(grad l_i . grad L_valid): which tokens the meta-objective asks the teacher to up-weight.",
     )
-    add_checkpoint_arguments(parser, "a translation checkpoint (pretrained or fine-tuned)")
+    add_checkpoint_arguments(parser, "a translation checkpoint (pretrained or fine-tuned)", "influence")
     parser.add_argument("--subset", default="train", help="training split to score (default train)")
     parser.add_argument("--valid-subset", default="valid", help="split of the validation loss (default valid)")
     parser.add_argument("--meta-valid-loss", choices=["criterion", "nll"], default="criterion",
@@ -336,8 +336,6 @@ def build_parser():
     parser.add_argument("--by-layer", action="store_true",
                         help="also split the influence by parameter group (embeddings, attention, ...; one more "
                         "forward-mode pass per group)")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
-    parser.add_argument("--out", default=None, help="output directory (default: influence_<subset> beside the checkpoint)")
     return parser
 
 

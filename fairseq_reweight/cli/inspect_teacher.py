@@ -305,15 +305,13 @@ def build_parser():
         description="Run the teacher of a reweight checkpoint over a split; write per-sentence and per-token "
         "weights and losses (TSV), plots (PNG) and, with a noise sidecar, the ROC AUC of 'low weight => noisy'.",
     )
-    add_checkpoint_arguments(parser, "checkpoint trained with --task reweight_translation and a teacher")
+    add_checkpoint_arguments(parser, "checkpoint trained with --task reweight_translation and a teacher", "inspect")
     parser.add_argument("--subset", default="train", help="split to score (default train)")
     parser.add_argument("--max-sentences", type=int, default=None,
                         help="score a random subset of this many sentences (default: all)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the random subset (default 1)")
     parser.add_argument("--max-tokens", type=int, default=None, help="tokens per batch (default 4096)")
     parser.add_argument("--batch-size", type=int, default=None, help="sentences per batch")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
-    parser.add_argument("--out", default=None, help="output directory (default: inspect_<subset> beside the checkpoint)")
     return parser
 
 

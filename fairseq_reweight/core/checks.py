@@ -71,8 +71,13 @@ def validate_inputs(params: List[Tensor], steps: List, check_step, mode: str) ->
         check_step(index, step, params, mode)
 
 
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (one host synchronisation)."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 def check_finite(tensors: List[Tensor], message: str) -> None:
-    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+    if not all_finite(tensors):
         raise ValueError(message)
 
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from fairseq import utils
 
 from fairseq_reweight.core import HypergradResult, reverse_hypergradient
+from fairseq_reweight.core.checks import all_finite
 from fairseq_reweight.core.errors import ReweightConfigError
 from fairseq_reweight.core.reparam import substitute_parameters
 from fairseq_reweight.nmt import fairseq_contract as contract
@@ -167,10 +168,6 @@ def teacher_hypergradient(replay: Replay, steps: List, val_grad, mode: str, teac
         student.theta(), student.momentum(), replay.omega, [student.convert_record(s) for s in steps],
         replay.loss_fn, val_grad, mode=mode, all_reduce=all_reduce, teacher_grad_only=teacher_grad_only,
     )
-
-
-def all_finite(tensors) -> bool:
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def meta_gradient(replay: Replay, steps: List, sample, mode: str):
