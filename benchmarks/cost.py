@@ -7,7 +7,9 @@ fairseq's own Trainer, in one process:
 - ``plain``: ``--task translation --criterion label_smoothed_cross_entropy --optimizer sgd`` (fairseq);
 - ``K=20,B=2``: this method with the paper's schedule, and a sweep over K and B;
 - ``lookahead``: a one-step look-ahead meta-update before every step (K=1, B=1), the cost pattern of
-  L2RW / Meta-Weight-Net.
+  L2RW / Meta-Weight-Net;
+- the Adam column: plain fairseq ``--optimizer adam`` against ``--optimizer reweight_adam``
+  (``--reweight-history checkpoint``) at ``--adam-sweep`` (default K=20, B=2), as ratios to plain Adam.
 
 Every configuration is timed on the same updates: after max(K)+1 warm-up updates, over
 ``--periods`` x lcm(K) updates (whole periods of every K; at least 20), so the meta-updates are
@@ -66,15 +68,16 @@ class PeakRSS:
         self._thread.join()
 
 
-def training_flags(model_flags):
-    """fairseq-train flags of plain fairseq momentum SGD and of this method, same model and data."""
+def training_flags(model_flags, optimizer="sgd"):
+    """fairseq-train flags of plain fairseq (momentum SGD or Adam) and of this method, same model and data."""
     # --max-update only sets the surface teacher's "progress" feature (update / max-update), which
     # needs it; the benchmarks run their own number of updates.
-    common = model_flags + ["--lr", "1e-3", "--momentum", "0.9", "--label-smoothing", "0.1",
+    common = model_flags + ["--lr", "1e-3", "--label-smoothing", "0.1",
                             "--seed", "1", "--num-workers", "0", "--max-update", "1000"]
-    plain = common + ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--optimizer", "sgd"]
+    common += ["--momentum", "0.9"] if optimizer == "sgd" else ["--adam-betas", "(0.9, 0.98)"]
+    plain = common + ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--optimizer", optimizer]
     ours = common + ["--user-dir", USER_DIR, "--task", "reweight_translation",
-                     "--criterion", "reweighted_cross_entropy", "--optimizer", "reweight_sgd"]
+                     "--criterion", "reweighted_cross_entropy", "--optimizer", f"reweight_{optimizer}"]
     return plain, ours
 
 
@@ -120,6 +123,8 @@ def main():
     parser.add_argument("--sweep", default="20:2,20:1,20:5,10:2,50:2",
                         help="K:B pairs to measure besides plain and lookahead")
     parser.add_argument("--history", default="reverse", choices=["reverse", "checkpoint"])
+    parser.add_argument("--adam-sweep", default="20:2",
+                        help="K:B pairs of reweight_adam to measure against plain fairseq Adam ('' for none)")
     parser.add_argument("--periods", type=int, default=1,
                         help="timed updates = PERIODS x lcm of the K values (default 1: 100 updates for the default sweep)")
     parser.add_argument("--reweight-args", default="",
@@ -137,9 +142,13 @@ def main():
     configs = [(f"K={k},B={b}", int(k), ours + ["--reweight-interval", k, "--reweight-backprop-steps", b])
                for k, b in (pair.split(":") for pair in args.sweep.split(","))]
     configs.append(("lookahead K=1,B=1", 1, ours + ["--reweight-interval", "1", "--reweight-backprop-steps", "1"]))
-    longest = max(k for _, k, _ in configs)
+    plain_adam, ours_adam = training_flags(model_flags, "adam")
+    ours_adam += ["--reweight-history", "checkpoint"] + shlex.split(args.reweight_args)
+    adam_configs = [(f"Adam K={k},B={b}", int(k), ours_adam + ["--reweight-interval", k, "--reweight-backprop-steps", b])
+                    for k, b in (pair.split(":") for pair in args.adam_sweep.split(",") if pair)]
+    longest = max(k for _, k, _ in configs + adam_configs)
     warmup = longest + 1
-    period = math.lcm(*(k for _, k, _ in configs))
+    period = math.lcm(*(k for _, k, _ in configs + adam_configs))
     timed = args.periods * period * max(1, math.ceil(20 / (args.periods * period)))
 
     trainer, task, cfg = build(args.data, plain)
@@ -162,12 +171,19 @@ def main():
     results = [measure("plain fairseq SGD", args.data, plain, init_state, batches, warmup, timed)]
     for name, _, flags in configs:
         results.append(measure(name, args.data, flags, init_state, batches, warmup, timed))
-    base = results[0]
-    print(f"\n{'configuration':<22} {'ms/update':>10} {'x plain':>8} {'peak MiB':>9} {'x plain':>8}")
-    for r in results:
-        print(f"{r['name']:<22} {r['ms']:>10.1f} {r['ms'] / base['ms']:>8.2f} {r['peak'] / 2**20:>9.0f} "
-              f"{r['peak'] / base['peak']:>8.2f}")
-    print(f"\n(history mode: {args.history}; peak memory: "
+    if adam_configs:
+        adam_results = [measure("plain fairseq Adam", args.data, plain_adam, init_state, batches, warmup, timed)]
+        for name, _, flags in adam_configs:
+            adam_results.append(measure(name, args.data, flags, init_state, batches, warmup, timed))
+    for table in (results, adam_results if adam_configs else []):
+        if not table:
+            continue
+        base = table[0]
+        print(f"\n{'configuration':<22} {'ms/update':>10} {'x plain':>8} {'peak MiB':>9} {'x plain':>8}")
+        for r in table:
+            print(f"{r['name']:<22} {r['ms']:>10.1f} {r['ms'] / base['ms']:>8.2f} {r['peak'] / 2**20:>9.0f} "
+                  f"{r['peak'] / base['peak']:>8.2f}")
+    print(f"\n(history mode: {args.history}, Adam: checkpoint; peak memory: "
           f"{'torch.cuda.max_memory_allocated' if device != 'CPU' else 'process RSS'})")
 
 

@@ -14,6 +14,11 @@ For each data condition (a fairseq data-bin made by data_prep/, e.g. ``clean`` a
      the share of the oracle gap closed, the final noise AUC and the time per update;
   4. add the runs to OUT/results.csv (kept across invocations) and write OUT/results.md.
 
+With ``--reweight-phase pretrain`` the methods act during Adam pretraining from scratch instead
+(``--optimizer reweight_adam --reweight-history checkpoint``, the same Adam recipe as step 1, the
+same updates for every method; no fine-tune): the teacher where the noise does its harm. Use a
+separate ``--out`` per phase.
+
 Every step runs fairseq's own command-line programs (printed before they run, logged under
 OUT/logs/), and is skipped when its output already exists, so an interrupted run picks up where it
 stopped. ``--train-args`` passes flags to every fairseq-train call (e.g. ``--fp16``, or
@@ -93,6 +98,22 @@ def run(cmd, log_file):
     log(f"  done in {time.time() - start:.0f}s (log: {log_file})")
 
 
+def adam_recipe(p):
+    """The pretraining's optimizer and schedule (the paper's: Adam, inverse_sqrt warm-up)."""
+    return ["--adam-betas", "(0.9,0.98)", "--lr", "5e-4", "--lr-scheduler", "inverse_sqrt",
+            "--warmup-updates", str(p["warmup"]), "--weight-decay", "0.0001",
+            "--max-tokens", str(p["max_tokens"]), "--max-update", str(p["pretrain_updates"])]
+
+
+def teacher_flags(data, p):
+    """The teacher's schedule, and the noise sidecar where the data has one (the noise AUC in the log,
+    which does not change training, and the oracle's labels)."""
+    flags = ["--reweight-interval", str(p["interval"]), "--reweight-backprop-steps", str(p["backprop"]),
+             "--teacher-lr", str(p["teacher_lr"])]
+    sidecar = Path(data) / "train.noise"
+    return flags + (["--reweight-noise-sidecar", str(sidecar)] if sidecar.exists() else [])
+
+
 def pretrain(data, out, preset, seed, train_args):
     ckpt = out / "checkpoint_best.pt"
     if ckpt.exists():
@@ -100,14 +121,30 @@ def pretrain(data, out, preset, seed, train_args):
         return ckpt
     p = preset
     cmd = fairseq_bin("fairseq-train") + [str(data), "--task", "translation",
-           "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-           "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "5e-4",
-           "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(p["warmup"]), "--weight-decay", "0.0001",
-           "--max-tokens", str(p["max_tokens"]), "--max-update", str(p["pretrain_updates"]),
-           "--seed", str(seed), "--save-dir", str(out), "--no-epoch-checkpoints", "--log-format", "simple",
-           "--log-interval", "50"] + shlex.split(p["model"]) + shlex.split(p["device"]) + train_args
-    run(cmd, out.parent / "logs" / f"{out.name}.log")
+           "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--optimizer", "adam"]
+    cmd += adam_recipe(p) + ["--seed", str(seed), "--save-dir", str(out), "--no-epoch-checkpoints",
+                             "--log-format", "simple", "--log-interval", "50"]
+    run(cmd + shlex.split(p["model"]) + shlex.split(p["device"]) + train_args, out.parent / "logs" / f"{out.name}.log")
     return ckpt
+
+
+def reweighted_pretrain(data, out, preset, flags, seed, train_args):
+    """``--reweight-phase pretrain``: Adam pretraining from scratch with the method's weights; the
+    last checkpoint (every method the same number of updates) and the command."""
+    ckpt = out / "checkpoint_last.pt"
+    p = preset
+    cmd = fairseq_bin("fairseq-train") + [str(data), "--user-dir", str(USER_DIR), "--task", "reweight_translation",
+           "--criterion", "reweighted_cross_entropy", "--label-smoothing", "0.1", "--optimizer", "reweight_adam",
+           "--reweight-history", "checkpoint"]
+    cmd += adam_recipe(p) + teacher_flags(data, p) + ["--seed", str(seed), "--save-dir", str(out),
+                                                       "--no-epoch-checkpoints", "--log-format", "simple",
+                                                       "--log-interval", "20"]
+    cmd += shlex.split(flags) + shlex.split(p["model"]) + shlex.split(p["device"]) + train_args
+    if ckpt.exists():
+        log(f"pretrained model found: {ckpt}")
+    else:
+        run(cmd, out.parent / "logs" / f"{out.name}.log")
+    return ckpt, cmd
 
 
 def finetune(data, pretrained, out, preset, flags, seed, train_args):
@@ -120,13 +157,8 @@ def finetune(data, pretrained, out, preset, flags, seed, train_args):
            "--lr-scheduler", "fixed", "--max-tokens", str(p["max_tokens"]),
            "--max-update", str(p["finetune_updates"]), "--seed", str(seed),
            "--restore-file", str(pretrained), "--reset-optimizer", "--reset-lr-scheduler",
-           "--reset-meters", "--reset-dataloader",
-           "--reweight-interval", str(p["interval"]), "--reweight-backprop-steps", str(p["backprop"]),
-           "--teacher-lr", str(p["teacher_lr"]), "--save-dir", str(out), "--no-epoch-checkpoints",
-           "--log-format", "simple", "--log-interval", "20"]
-    sidecar = Path(data) / "train.noise"
-    if sidecar.exists():  # the noise AUC in the log (does not change training), and the oracle's labels
-        cmd += ["--reweight-noise-sidecar", str(sidecar)]
+           "--reset-meters", "--reset-dataloader", "--save-dir", str(out), "--no-epoch-checkpoints",
+           "--log-format", "simple", "--log-interval", "20"] + teacher_flags(data, p)
     cmd += shlex.split(flags) + shlex.split(p["model"]) + shlex.split(p["device"]) + train_args
     if ckpt.exists():
         log(f"fine-tuned model found: {ckpt}")
@@ -169,16 +201,21 @@ def run_condition(cond, data, args, preset, flags, train_args):
     """Every method and seed of one data condition; returns the results.csv rows."""
     rows = []
     for seed in args.seeds:
-        pre_seed = args.pretrain_seed or seed
-        pre = pretrain(data, args.out / f"{cond}-pretrain-seed{pre_seed}", preset, pre_seed,
-                       train_args + shlex.split(args.pretrain_args))
+        if args.reweight_phase == "finetune":
+            pre_seed = args.pretrain_seed or seed
+            pre = pretrain(data, args.out / f"{cond}-pretrain-seed{pre_seed}", preset, pre_seed,
+                           train_args + shlex.split(args.pretrain_args))
         for method, method_args in flags.items():
             if "oracle" in method_args.split() and not (Path(data) / "train.noise").exists():
                 log(f"{cond}: no train.noise in {data}, so no oracle (it would be the baseline)")
                 continue
             name = f"{cond}-{method}-seed{seed}"
-            ckpt, cmd = finetune(data, pre, args.out / name, preset, method_args, seed,
-                                 train_args + shlex.split(args.finetune_args))
+            if args.reweight_phase == "pretrain":
+                ckpt, cmd = reweighted_pretrain(data, args.out / name, preset, method_args, seed,
+                                                train_args + shlex.split(args.pretrain_args))
+            else:
+                ckpt, cmd = finetune(data, pre, args.out / name, preset, method_args, seed,
+                                     train_args + shlex.split(args.finetune_args))
             hyps, refs = translate(data, ckpt, args.out / name / "test", preset)
             tok_bleu, sacre, chrf, bleu_sig, chrf_sig = results.score(hyps, refs)
             sec, auc = results.training_figures(args.out / "logs" / f"{name}.log")
@@ -208,6 +245,9 @@ def main(argv=None):
                         help="extra flags for the fine-tuning calls only (e.g. --teacher-hidden-layers 1)")
     parser.add_argument("--finetune-updates", type=int, help="override the preset's fine-tuning updates")
     parser.add_argument("--pretrain-updates", type=int, help="override the preset's pretraining updates")
+    parser.add_argument("--reweight-phase", choices=["finetune", "pretrain"], default="finetune",
+                        help="where the methods act: the SGD fine-tune after plain Adam pretraining (the paper), or "
+                        "Adam pretraining from scratch (--optimizer reweight_adam; no fine-tune)")
     args = parser.parse_args(argv)
     preset = dict(PRESETS[args.preset])
     for key in ("finetune_updates", "pretrain_updates"):
@@ -233,6 +273,9 @@ def main(argv=None):
                   if args.pretrain_seed else "one pretrained student per fine-tuning seed")
     note = (f"Test set, beam {preset['beam']}; mean ± std over seeds; {pretrained}; "
             f"{preset['finetune_updates']} fine-tuning updates.")
+    if args.reweight_phase == "pretrain":
+        note = (f"Test set, beam {preset['beam']}; mean ± std over seeds; the methods act during Adam pretraining "
+                f"from scratch (reweight_adam), {preset['pretrain_updates']} updates each, last checkpoint; no fine-tune.")
     methods = list(dict.fromkeys(list(METHODS) + list(flags) + [r["method"] for r in all_rows]))
     table = results.write_tables(all_rows, args.out, list(conditions), methods, note)
     print("\n" + table)

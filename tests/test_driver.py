@@ -30,16 +30,23 @@ def _assert_equal(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_data_bin, tmp_path):
-    run_train(tiny_data_bin, str(tmp_path / "full"), BASE + ["--max-update", "10"])
-    # stopped at update 4 (after the meta-update at 3, with steps 3 and 4 still to be replayed at 6)
-    run_train(tiny_data_bin, str(tmp_path / "cut"), BASE + ["--max-update", "4"])
-    run_train(tiny_data_bin, str(tmp_path / "cut"), BASE + ["--max-update", "10"])
+def check_resume_is_bit_identical(data, tmp_path, flags):
+    """10 updates in one run against 4, stopped (after the meta-update at 3, with updates 3 and 4
+    still to be replayed at 6) and resumed to 10: the same student and teacher, bit for bit.
+    Returns the uninterrupted run's log."""
+    full = run_train(data, str(tmp_path / "full"), flags + ["--max-update", "10"])
+    run_train(data, str(tmp_path / "cut"), flags + ["--max-update", "4"])
+    run_train(data, str(tmp_path / "cut"), flags + ["--max-update", "10"])
     full_model, full_teacher = _state(tmp_path / "full" / "checkpoint_last.pt")
     cut_model, cut_teacher = _state(tmp_path / "cut" / "checkpoint_last.pt")
     assert any(v.abs().sum() > 0 for v in full_teacher.values())
     _assert_equal(full_teacher, cut_teacher)
     _assert_equal(full_model, cut_model)
+    return full
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_data_bin, tmp_path):
+    check_resume_is_bit_identical(tiny_data_bin, tmp_path, BASE)
 
 
 def test_shared_embeddings_stay_tied_through_meta_updates(tiny_data_bin, tmp_path):
@@ -75,13 +82,18 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_match_one_process_with_update_freq_2(tiny_data_bin, tmp_path):
+ADAM_BASE = [a if a != "reweight_sgd" else "reweight_adam" for a in BASE if a not in ("--momentum", "0.9")] + [
+    "--reweight-history", "checkpoint", "--lr", "0.005", "--adam-betas", "(0.9, 0.98)"]
+
+
+@pytest.mark.parametrize("base", [BASE, ADAM_BASE], ids=["sgd", "adam"])
+def test_two_gloo_processes_match_one_process_with_update_freq_2(tiny_data_bin, tmp_path, base):
     """fairseq's data parallelism on 2 CPU processes (gloo) sees the same global batches as one
     process with --update-freq 2 (dropout off: ranks draw their masks differently). The meta-updates
     must agree, and the driver checks after each one that both ranks hold the same teacher (it
     raises otherwise). On CPU, fairseq 0.12 needs --ddp-backend legacy_ddp (its pytorch_ddp wrapper
     passes CUDA device ids) and an explicit init method (its torchrun path assumes CUDA)."""
-    flags = BASE + ["--max-update", "7", "--dropout", "0"]
+    flags = base + ["--max-update", "7", "--dropout", "0"]
     one = _inner(run_train(tiny_data_bin, str(tmp_path / "one"), flags + ["--update-freq", "2"]))
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "fairseq_cli.train", tiny_data_bin, "--save-dir", str(tmp_path / "two"),
@@ -109,4 +121,8 @@ def test_two_gloo_processes_match_one_process_with_update_freq_2(tiny_data_bin, 
         if not key.endswith(".bias"):  # see test_checkpoint_history_mode_trains_like_reverse
             torch.testing.assert_close(one_teacher[key], two_teacher[key], rtol=1e-3, atol=1e-5)
     for key in one_model:
-        torch.testing.assert_close(one_model[key], two_model[key], rtol=1e-4, atol=1e-5)
+        if base is ADAM_BASE and key.endswith("k_proj.bias"):
+            # its gradient is 0 up to round-off (softmax ignores a shift of the keys), and Adam divides
+            # by sqrt(v): summation-order round-off becomes a step of up to lr
+            continue
+        torch.testing.assert_close(one_model[key], two_model[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -29,6 +29,20 @@ def test_gradcheck_agrees_with_unrolled_autograd(tiny_data_bin, capsys, extra):
     assert sum(line.startswith("teacher.") for line in out) == 3  # bias, feature_proj, label_embed
 
 
+ADAM_ARGS = [a for a in ARGS if a not in ("reweight_sgd", "--momentum", "0.9")]
+ADAM_ARGS[ADAM_ARGS.index("--optimizer") + 1:ADAM_ARGS.index("--optimizer") + 1] = ["reweight_adam"]
+
+
+def test_gradcheck_through_adam_steps(tiny_data_bin, capsys):
+    """fairseq's Adam with bias correction, decoupled weight decay, a warm-up schedule, clipping,
+    --update-freq and dropout, through fairseq's trainer."""
+    cli_main([tiny_data_bin] + ADAM_ARGS + [
+        "--reweight-history", "checkpoint", "--adam-betas", "(0.9, 0.98)", "--lr", "0.01",
+        "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4", "--warmup-init-lr", "1e-3"])
+    error = float(capsys.readouterr().out.strip().splitlines()[-1].split(": ")[1])
+    assert error < 1e-10
+
+
 def test_gradcheck_exits_non_zero_above_the_tolerance(tiny_data_bin, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main([tiny_data_bin] + ARGS + ["--gradcheck-tolerance", "1e-30"])

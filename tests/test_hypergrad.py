@@ -87,10 +87,11 @@ class MLPProblem:
         x, y = self.val_batch
         return F.cross_entropy(functional_call(self.student, dict(zip(self.names, params)), (x,))[1], y)
 
-    def train(self, clip_norms=None, momentum=0.9, weight_decay=0.01, empty_steps=()):
-        """K steps of RecordingSGD(store_states=True) the way a trainer takes them."""
+    def train(self, clip_norms=None, momentum=0.9, weight_decay=0.01, empty_steps=(), make_optimizer=None):
+        """K steps of RecordingSGD(store_states=True) (or ``make_optimizer(params)``) the way a
+        trainer takes them."""
         params = list(self.student.parameters())
-        optimizer = RecordingSGD(
+        optimizer = make_optimizer(params) if make_optimizer else RecordingSGD(
             params, lr=LRS[0], momentum=momentum, weight_decay=weight_decay,
             history_size=NUM_STEPS, store_states=True,
         )
@@ -459,10 +460,10 @@ class TransformerProblem:
         params = [p.detach().clone().requires_grad_(True) for p in params]
         return list(torch.autograd.grad(self.val_loss(params), params))
 
-    def train(self, clip_norms):
+    def train(self, clip_norms, make_optimizer=None):
         params = list(self.student.parameters())
-        optimizer = RecordingSGD(params, lr=0.5, momentum=0.9, weight_decay=1e-3,
-                                 history_size=self.num_steps, store_states=True)
+        optimizer = make_optimizer(params) if make_optimizer else RecordingSGD(
+            params, lr=0.5, momentum=0.9, weight_decay=1e-3, history_size=self.num_steps, store_states=True)
         for t in range(self.num_steps):
             optimizer.group["lr"] = LRS[t]
             optimizer.zero_grad()

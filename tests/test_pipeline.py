@@ -47,3 +47,12 @@ def test_pipeline_micro(tmp_path):
     assert "[experiment] $ " not in again  # no fairseq command ran
     with open(out / "results.csv") as fh:
         assert [r["method"] for r in csv.DictReader(fh)] == ["baseline", "oracle", "surface", "deep"]
+    # the methods during Adam pretraining (--optimizer reweight_adam), same data
+    stdout = _run(cmd[:-4] + ["--out", str(tmp_path / "pretrain"), "--data", f"noisy={noisy}/data-bin",
+                              "--reweight-phase", "pretrain", "--methods", "baseline", "oracle", "deep"])
+    assert "Adam pretraining from scratch" in stdout
+    with open(tmp_path / "pretrain" / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["method"] for r in rows] == ["baseline", "oracle", "deep"]
+    assert all("--optimizer reweight_adam" in r["command"] and "--restore-file" not in r["command"] for r in rows)
+    assert float(rows[1]["noise_auc"]) == 1.0

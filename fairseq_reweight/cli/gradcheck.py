@@ -4,9 +4,11 @@
         --criterion reweighted_cross_entropy --optimizer reweight_sgd --momentum 0.9 --lr 0.001 \\
         --arch transformer_iwslt_de_en --max-tokens 512 --reweight-backprop-steps 2 [any fairseq option]
 
+(or ``--optimizer reweight_adam --reweight-history checkpoint --lr-scheduler inverse_sqrt ...``).
+
 Builds the model, criterion and teacher from ordinary fairseq arguments, converts them to float64 on
 the CPU, takes B = ``--reweight-backprop-steps`` real fairseq training steps (fairseq's Trainer:
-dropout, ``--update-freq``, ``--clip-norm``, weight decay as configured) on a few small batches, then
+dropout, ``--update-freq``, ``--clip-norm``, weight decay, the learning-rate schedule as configured) on a few small batches, then
 computes the teacher gradient of the validation loss twice: with the reverse-mode algorithm the
 training run uses (``--reweight-history``), and with plain autograd through the unrolled steps.
 Prints ``max relative error: <x>`` last; exits with status 1 above ``--gradcheck-tolerance``.
@@ -142,7 +144,7 @@ def _run(args) -> float:
         reverse, full = (teacher_hypergradient(replay, steps, val_grad, mode, fast).teacher_grad for fast in (True, False))
         reference = unrolled_hypergradient(
             start, None, replay.omega, steps, replay.loss_fn,
-            lambda params: replay.validation_loss(val_sample, params),
+            lambda params: replay.validation_loss(val_sample, params), optimizer=replay.student.recorder.reverse,
         )
     names = [name for name, _ in driver.teacher.named_parameters()]
     errors = relative_errors(reverse, reference)

@@ -25,7 +25,7 @@ gives the ROC AUC of "low weight => noisy pair" and the mean weight of noisy and
 import argparse
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 

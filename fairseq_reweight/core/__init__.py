@@ -2,9 +2,11 @@
 student's last optimizer steps, the optimizers it can differentiate, the teacher, its inputs and the
 noise metrics. Equations in ``docs/METHOD.md``; the translation glue is :mod:`fairseq_reweight.nmt`.
 """
+from .adam import ADAM, AdamReverse, AdamStepRecord
 from .attention import math_attention
 from .checks import select_window
 from .gradients import CLIP_EPS, clip_factor
+from .recording_adam import RecordingAdam
 from .recording_sgd import RecordingSGD
 from .reparam import substitute_parameters
 from .reverse import AllReduce, HypergradResult, LossFn, reverse_hypergradient
@@ -13,10 +15,14 @@ from .teacher import Teacher, apply_teacher_gradient, normalize_weights
 from .unrolled import unroll_steps, unrolled_hypergradient
 
 __all__ = [
+    "ADAM",
+    "AdamReverse",
+    "AdamStepRecord",
     "CLIP_EPS",
     "AllReduce",
     "HypergradResult",
     "LossFn",
+    "RecordingAdam",
     "RecordingSGD",
     "SGD",
     "SGDReverse",

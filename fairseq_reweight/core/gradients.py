@@ -25,6 +25,15 @@ def clip_factor(norm: float, clip_norm: float):
     return ratio, -clip_norm / (norm + CLIP_EPS) ** 2
 
 
+def clip_differentiably(grads: List[Tensor], clip_norm: float) -> List[Tensor]:
+    """``s(||G||) G`` with the graph kept (the unrolled reference's clipping); unchanged when off."""
+    if clip_norm <= 0:
+        return grads
+    norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))
+    scale = (clip_norm / (norm + CLIP_EPS)).clamp(max=1.0)
+    return [scale * g for g in grads]
+
+
 def iter_loss_chunks(loss: Union[Tensor, Iterable[Tensor]], step_index: int) -> Iterator[Tensor]:
     """Yield the scalar chunks of what ``loss_fn`` returned (one tensor or an iterable of them)."""
     chunks = [loss] if isinstance(loss, Tensor) else loss

@@ -4,19 +4,19 @@ The update itself is ``torch.optim.SGD``'s own code (so bit for bit PyTorch's ar
 subclass only remembers, per step, what :func:`~fairseq_reweight.core.reverse_hypergradient`
 needs to undo and replay it. Plain PyTorch: never imports fairseq.
 """
-from collections import deque
-from typing import Callable, Deque, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
 
-from .checks import select_window
-from .sgd import StepRecord
+from .checks import check_reversible
+from .recording import RecordingMixin
+from .sgd import SGD, StepRecord
 
 __all__ = ["RecordingSGD"]
 
 
-class RecordingSGD(torch.optim.SGD):
+class RecordingSGD(RecordingMixin, torch.optim.SGD):
     """``torch.optim.SGD`` (momentum, weight decay) that keeps a history of :class:`StepRecord`.
 
     After every :meth:`step` a ``StepRecord(lr, momentum, weight_decay)`` of the step just taken is
@@ -29,6 +29,7 @@ class RecordingSGD(torch.optim.SGD):
     ``v <- momentum v + g; theta <- theta - lr v``. Only one parameter group is supported.
     Parameters that require grad but received none are stepped with a zero gradient (momentum
     and weight decay keep acting on them, as the hypergradient assumes) instead of being skipped.
+    The history, its window and the one-group rule come from :class:`~.recording.RecordingMixin`.
 
     Args:
         params: the student's parameters (one group).
@@ -39,6 +40,8 @@ class RecordingSGD(torch.optim.SGD):
         step_callback: called with each new record after it is appended.
         **kwargs: passed on to ``torch.optim.SGD`` (e.g. ``foreach``).
     """
+
+    reverse, record_class = SGD, StepRecord
 
     def __init__(
         self,
@@ -59,9 +62,7 @@ class RecordingSGD(torch.optim.SGD):
             params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, **kwargs,
         )
-        self.history: Deque[StepRecord] = deque(maxlen=self._checked_size(history_size))
-        self.store_states = store_states
-        self.step_callback = step_callback
+        self._init_recording(history_size, store_states, step_callback)
 
     @staticmethod
     def _check_options(nesterov, dampening, maximize) -> None:
@@ -80,37 +81,6 @@ class RecordingSGD(torch.optim.SGD):
                 "RecordingSGD does not support maximize=True: minimise the negated objective"
             )
 
-    @staticmethod
-    def _checked_size(history_size: int) -> int:
-        if int(history_size) != history_size or history_size < 1:
-            raise ValueError(f"history_size must be an integer >= 1, got {history_size!r}")
-        return int(history_size)
-
-    def add_param_group(self, param_group: dict) -> None:
-        if len(getattr(self, "param_groups", [])) >= 1:
-            raise ValueError(
-                "RecordingSGD supports one parameter group: put all student parameters in one "
-                "group (per-group learning rates are not recorded)"
-            )
-        super().add_param_group(param_group)
-
-    def set_history_size(self, history_size: int) -> None:
-        """Keep the last ``history_size`` records from now on (the most recent ones are kept)."""
-        self.history = deque(self.history, maxlen=self._checked_size(history_size))
-
-    @property
-    def history_size(self) -> int:
-        return self.history.maxlen
-
-    @property
-    def group(self) -> dict:
-        """The (single) parameter group."""
-        return self.param_groups[0]
-
-    def student_params(self) -> List[Tensor]:
-        """The student's parameters, in the optimizer's order (theta's order everywhere)."""
-        return list(self.group["params"])
-
     def momentum_buffers(self) -> List[Tensor]:
         """The current momentum buffers v (the live tensors; zeros where there is none yet)."""
         buffers = []
@@ -119,22 +89,21 @@ class RecordingSGD(torch.optim.SGD):
             buffers.append(torch.zeros_like(param) if buffer is None else buffer)
         return buffers
 
-    def window(self, num_steps: int) -> List[StepRecord]:
-        """The last ``num_steps`` records, oldest first (ValueError if fewer were recorded)."""
-        return select_window(self.history, num_steps)
+    def final_state(self) -> List[Tensor]:
+        """The state the reverse loop undoes from theta_K in mode "reverse": v_K."""
+        return self.momentum_buffers()
+
+    def check_history(self, mode: str, flag: str) -> None:
+        """Whether ``mode`` (the option ``flag``) can replay these steps."""
+        check_reversible(mode, self.group["momentum"], flag)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
         """Take one SGD step (``torch.optim.SGD.step``) and record it."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         group = self.group
         self._check_options(group["nesterov"], group["dampening"], group.get("maximize", False))
-        for param in group["params"]:
-            if param.grad is None and param.requires_grad:
-                param.grad = torch.zeros_like(param)
+        self._fill_missing_grads()
         params = states = None
         if self.store_states:
             params = [p.detach().clone() for p in group["params"]]
@@ -147,7 +116,5 @@ class RecordingSGD(torch.optim.SGD):
             params=params,
             momentum_buffers=states,
         )
-        self.history.append(record)
-        if self.step_callback is not None:
-            self.step_callback(record)
+        self._record(record)
         return loss

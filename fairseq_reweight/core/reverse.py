@@ -4,7 +4,8 @@ Fan et al., "Learning to Reweight with Deep Interactions", AAAI 2021, Algorithm 
 Duvenaud and Adams, "Gradient-based Hyperparameter Optimization through Reversible Learning", 2015).
 The equations are restated in ``docs/METHOD.md``. Plain PyTorch: this module never imports fairseq.
 The loop is the algorithm; what depends on the optimizer (undoing a step, the adjoint of its update)
-comes from an optimizer object (:data:`~fairseq_reweight.core.sgd.SGD` for momentum SGD), the
+comes from an optimizer object (:data:`~fairseq_reweight.core.sgd.SGD` for momentum SGD,
+:data:`~fairseq_reweight.core.adam.ADAM` for Adam), the
 derivatives of a replayed step from :mod:`.gradients`, the input checks from :mod:`.checks`.
 
 The loop, newest step first::
@@ -12,7 +13,7 @@ The loop, newest step first::
     theta_bar = val_grad, state_bar = 0, omega_bar = 0
     for each step:
         theta_t     = undo the parameter step         (mode="checkpoint": step.params)
-        g~          = adjoint of the step's gradient   (SGD: v_bar - lr theta_bar)
+        g~          = adjoint of the step's gradient   (SGD: v_bar - lr theta_bar; Adam: core/adam.py)
         d(g_t . g~)/d theta, d(g_t . g~)/d omega      (gradients.gradient_vjp: one chunked
                                                        double backward, exact through clipping)
         state_t     = undo the state step, given G_t   (mode="reverse" only)
@@ -65,10 +66,11 @@ class HypergradResult:
         teacher_grad: ``dL_val(theta_K)/d omega`` through the given steps, one tensor per teacher
             parameter (summed over data-parallel workers when ``all_reduce`` is given).
         param_grad: adjoint of theta at the start of the window, ``dL_val/d theta_{K-B}``.
-        momentum_grad: adjoint of the optimizer state at the start of the window (SGD: v_{K-B}).
+        momentum_grad: adjoint of the optimizer state at the start of the window (SGD: v_{K-B};
+            Adam: the pair (m_{K-B}, v_{K-B})).
         start_params: theta_{K-B} as used (recovered in reverse mode, copied in checkpoint mode).
-        start_momentum_buffers: the optimizer state at the start (SGD: v_{K-B}; recovered in
-            reverse mode; in checkpoint mode the oldest record's buffers, or None).
+        start_momentum_buffers: the optimizer state at the start (SGD: v_{K-B}, recovered in
+            reverse mode, in checkpoint mode the oldest record's buffers or None; Adam: (m, v)).
         grad_norms: ``||G_t||`` of each replayed step, oldest first (after ``all_reduce``).
         clip_factors: the clip factor ``s_t`` of each replayed step, oldest first (1.0 = unclipped).
         val_grad_norm: ``||val_grad||``.
@@ -105,7 +107,8 @@ def reverse_hypergradient(
 
     Args:
         params: theta_K (values only; not modified).
-        momentum_buffers: the optimizer state at theta_K (SGD: v_K); read in mode="reverse" only.
+        momentum_buffers: the optimizer state at theta_K (SGD: v_K); read in mode="reverse" only
+            (None for Adam).
         teacher_params: omega, leaf tensors with ``requires_grad=True`` (``.grad`` untouched).
         steps: the last B step records, oldest first (:func:`~.checks.select_window`).
         loss_fn: ``loss_fn(step, params)``: the step's training loss (a scalar or scalar chunks).
@@ -114,7 +117,8 @@ def reverse_hypergradient(
         all_reduce: sums a list of tensors in place across data-parallel workers, or None.
         math_sdpa: run under :func:`~.attention.math_attention`.
         teacher_grad_only: only ``teacher_grad`` is wanted: the oldest step by forward-mode AD.
-        optimizer: how the steps were taken (:data:`~fairseq_reweight.core.sgd.SGD`).
+        optimizer: how the steps were taken (:data:`~fairseq_reweight.core.sgd.SGD`,
+            :data:`~fairseq_reweight.core.adam.ADAM`).
 
     Returns a :class:`HypergradResult`; raises ValueError on inconsistent inputs, non-finite
     ``val_grad``, or a step the mode cannot undo.

@@ -18,13 +18,13 @@ an object with the methods of :class:`SGDReverse`.
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, ClassVar, List, Optional
 
 import torch
 from torch import Tensor
 
 from .checks import check_tensor_list, validate_tensor_list
-from .gradients import CLIP_EPS
+from .gradients import clip_differentiably
 
 
 @dataclass
@@ -45,6 +45,8 @@ class StepRecord:
         params: theta_t before the step (mode="checkpoint" needs it).
         momentum_buffers: v_t before the step (None entries or zeros for the first step).
     """
+
+    TENSOR_FIELDS: ClassVar[tuple] = ("params", "momentum_buffers")
 
     lr: float
     momentum: float
@@ -96,6 +98,12 @@ class SGDReverse:
         return validate_tensor_list(momentum_buffers, params, "momentum_buffers", True)
 
     @staticmethod
+    def initial_state(momentum_buffers, params: List[Tensor]) -> List[Tensor]:
+        """v at the start of an unrolled window: None (or None entries) for zeros."""
+        momentum_buffers = [None] * len(params) if momentum_buffers is None else momentum_buffers
+        return validate_tensor_list(momentum_buffers, params, "start_momentum_buffers", none_is_zero=True)
+
+    @staticmethod
     def zero_adjoint(theta_bar: List[Tensor]) -> List[Tensor]:
         return [torch.zeros_like(p) for p in theta_bar]
 
@@ -144,10 +152,7 @@ class SGDReverse:
     @staticmethod
     def apply(step: StepRecord, params, buffers, grads):
         """One step, out of place (differentiable when the inputs carry a graph)."""
-        if step.clip_norm > 0:
-            norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))
-            scale = (step.clip_norm / (norm + CLIP_EPS)).clamp(max=1.0)
-            grads = [scale * g for g in grads]
+        grads = clip_differentiably(grads, step.clip_norm)
         if step.weight_decay:
             grads = [g + step.weight_decay * p for g, p in zip(grads, params)]
         buffers = [step.momentum * v + g for v, g in zip(buffers, grads)]
@@ -157,24 +162,3 @@ class SGDReverse:
 
 SGD = SGDReverse()
 
-
-def record_to_state(record: StepRecord, data_to_state=lambda data: data) -> dict:
-    """A record as plain data (tensors detached, on the CPU), loadable by torch's safe loader."""
-    def cpu(tensors):
-        return None if tensors is None else [None if t is None else t.detach().cpu() for t in tensors]
-
-    return {"lr": record.lr, "momentum": record.momentum, "weight_decay": record.weight_decay,
-            "clip_norm": record.clip_norm, "data": data_to_state(record.data),
-            "params": cpu(record.params), "momentum_buffers": cpu(record.momentum_buffers)}
-
-
-def record_from_state(state: dict, data_from_state=lambda data: data, device=None) -> StepRecord:
-    """The inverse of :func:`record_to_state`, stored tensors moved to ``device``."""
-    def to_device(tensors):
-        if tensors is None or device is None:
-            return tensors
-        return [None if t is None else t.to(device) for t in tensors]
-
-    return StepRecord(lr=state["lr"], momentum=state["momentum"], weight_decay=state["weight_decay"],
-                      clip_norm=state["clip_norm"], data=data_from_state(state["data"]),
-                      params=to_device(state["params"]), momentum_buffers=to_device(state["momentum_buffers"]))

@@ -2,8 +2,9 @@
 
 Memory grows with the number of steps (every step's double-backward graph is kept), so this is a
 reference for tests and for the ``gradcheck`` command, not for training. It applies the same step
-as the optimizer's record documents (:class:`~fairseq_reweight.core.sgd.StepRecord`): clipping inside the graph
-(``s = min(1, c / (||G|| + 1e-6))``), weight decay, momentum, PyTorch's SGD convention.
+as the optimizer object's ``apply`` takes it (:class:`~fairseq_reweight.core.sgd.SGDReverse`,
+:class:`~fairseq_reweight.core.adam.AdamReverse`): clipping inside the graph
+(``s = min(1, c / (||G|| + 1e-6))``), weight decay, momentum or Adam's moments.
 """
 import contextlib
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -34,24 +35,24 @@ def unroll_steps(
 
     Args:
         start_params: theta at the start of the window (treated as constants).
-        start_momentum_buffers: v at the start (None, or None entries, for zeros).
+        start_momentum_buffers: the optimizer state at the start: SGD's v, Adam's (m, v) (None, or
+            None entries, for zeros).
         steps: the step records, oldest first.
         loss_fn: as for :func:`~fairseq_reweight.core.reverse.reverse_hypergradient`.
         create_graph: keep the whole unrolled graph (differentiable with respect to the teacher);
             otherwise the result is detached and memory stays at one step.
         math_sdpa: run under :func:`~fairseq_reweight.core.attention.math_attention`.
-        optimizer: how the steps are taken (:data:`~fairseq_reweight.core.sgd.SGD`).
+        optimizer: how the steps are taken (:data:`~fairseq_reweight.core.sgd.SGD`,
+            :data:`~fairseq_reweight.core.adam.ADAM`).
 
     Returns:
-        (theta_K, v_K) as lists of tensors.
+        (theta_K, the optimizer state at theta_K).
     """
     steps = list(steps)
     start_params = list(start_params)
     validate_inputs(start_params, steps, optimizer.check_step, mode="unrolled")
     params = validate_tensor_list(start_params, start_params, "start_params", none_is_zero=False)
-    if start_momentum_buffers is None:
-        start_momentum_buffers = [None] * len(params)
-    buffers = validate_tensor_list(start_momentum_buffers, params, "start_momentum_buffers", True)
+    buffers = optimizer.initial_state(start_momentum_buffers, params)
     params = [p.requires_grad_(True) for p in params]
     attention = math_attention() if math_sdpa else contextlib.nullcontext()
     with attention, torch.enable_grad():
@@ -89,6 +90,7 @@ def unrolled_hypergradient(
         loss_fn: ``loss_fn(step, params)``, as for ``reverse_hypergradient``.
         val_loss_fn: ``val_loss_fn(params)``: the scalar validation loss at the given parameters.
         math_sdpa: run under ``math_attention()``.
+        optimizer: as for :func:`unroll_steps`.
 
     Returns:
         one gradient tensor per teacher parameter (zeros where it has no influence).

@@ -1,8 +1,9 @@
 """Recording fairseq's student updates for their replay.
 
 fairseq's trainer calls ``task.train_step`` once per micro-batch (``--update-freq``) and then
-``task.optimizer_step``; ``reweight_sgd``'s :class:`~fairseq_reweight.core.RecordingSGD` records
-each step (learning rate, momentum, ...) and calls back, and the recorder attaches what the replay
+``task.optimizer_step``; ``reweight_sgd``'s :class:`~fairseq_reweight.core.RecordingSGD` (or
+``reweight_adam``'s :class:`~fairseq_reweight.core.RecordingAdam`) records each step (learning rate,
+momentum or betas, ...) and calls back, and the recorder attaches what the replay
 needs: the update number (the trainer seeds dropout with ``seed + num_updates``), the micro-batches
 in trainer order, and the ``--clip-norm`` threshold.
 """
@@ -12,10 +13,9 @@ from typing import Any, List, Optional
 
 from fairseq import utils
 
-from fairseq_reweight.core import RecordingSGD
-from fairseq_reweight.core.checks import check_reversible
+from fairseq_reweight.core.recording import RecordingMixin
 from fairseq_reweight.core.errors import ReweightConfigError
-from fairseq_reweight.core.sgd import record_from_state, record_to_state
+from fairseq_reweight.core.records import record_from_state, record_to_state
 from fairseq_reweight.nmt.fairseq_contract import inner_optimizer, is_memory_efficient_fp16, update_attempt_started
 
 logger = logging.getLogger(__name__)
@@ -29,8 +29,8 @@ class ReplayData:
     micro_batches: List[Any] = field(default_factory=list)  # (sample, ignore_grad) in trainer order
 
 
-def find_recorder(optimizer) -> Optional[RecordingSGD]:
-    """The RecordingSGD inside fairseq's optimizer wrappers, or None."""
+def find_recorder(optimizer) -> Optional[RecordingMixin]:
+    """The recording optimizer (RecordingSGD, RecordingAdam) inside fairseq's wrappers, or None."""
     return getattr(inner_optimizer(optimizer), "recorder", None)
 
 
@@ -45,27 +45,31 @@ class StepRecorder:
 
     def __init__(self, history_size: int, store_states: bool, clip_norm: float):
         self.history_size, self.store_states, self.clip_norm = history_size, store_states, clip_norm
-        self.optimizer: Optional[RecordingSGD] = None
+        self.optimizer: Optional[RecordingMixin] = None
         self._open: Optional[ReplayData] = None
         self._restored: list = []  # records from a checkpoint, until the optimizer is known
 
     def attach(self, optimizer, what: str) -> None:
-        """Find the RecordingSGD in fairseq's optimizer (``what`` names the option that needs it)."""
+        """Find the recording optimizer in fairseq's (``what`` names the option that needs it)."""
         if is_memory_efficient_fp16(optimizer):
             raise ReweightConfigError("--memory-efficient-fp16 keeps no fp32 master weights to replay steps from; use --fp16")
         recorder = find_recorder(optimizer)
         if recorder is None:
             name = type(inner_optimizer(optimizer)).__name__
-            raise ReweightConfigError(f"{what} needs --optimizer reweight_sgd (got {name}); or use --reweight-teacher none")
-        check_reversible("checkpoint" if self.store_states else "reverse", recorder.group["momentum"], "--reweight-history")
+            raise ReweightConfigError(f"{what} needs --optimizer reweight_sgd or reweight_adam (got {name}); "
+                                      "or use --reweight-teacher none")
+        recorder.check_history("checkpoint" if self.store_states else "reverse", "--reweight-history")
         recorder.set_history_size(self.history_size)
         recorder.store_states = self.store_states
         recorder.step_callback = self._on_step
         self._adopt(recorder)
 
-    def _adopt(self, recorder: RecordingSGD) -> None:
+    def _adopt(self, recorder: RecordingMixin) -> None:
         """Hand records restored from a checkpoint to the optimizer, samples back on its device."""
         device = recorder.group["params"][0].device
+        if not all(isinstance(r, recorder.record_class) for r in self._restored):
+            logger.info("replay history from another --optimizer: the next meta-update waits for B new updates")
+            self._restored = []
         for record in self._restored:
             if device.type == "cuda":
                 record.data.micro_batches = [(utils.move_to_cuda(s, device), i) for s, i in record.data.micro_batches]

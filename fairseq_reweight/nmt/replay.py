@@ -20,6 +20,7 @@ from fairseq import utils
 from fairseq_reweight.core import HypergradResult, reverse_hypergradient
 from fairseq_reweight.core.checks import all_finite
 from fairseq_reweight.core.errors import ReweightConfigError
+from fairseq_reweight.core.records import map_record_tensors
 from fairseq_reweight.core.reparam import substitute_parameters
 from fairseq_reweight.nmt import fairseq_contract as contract
 
@@ -74,18 +75,20 @@ class StudentView:
     def theta(self):
         return self.to_model_shapes([p.detach() for p in self.opt_params])
 
-    def momentum(self):
-        return self.to_model_shapes(self.recorder.momentum_buffers())
+    def final_state(self):
+        """The optimizer state the reverse loop undoes (SGD's v_K), or None (Adam)."""
+        state = self.recorder.final_state()
+        return None if state is None else self.to_model_shapes(state)
 
     def param_dict(self, params):
         return dict(zip(self.names, params))
 
     def convert_record(self, record):
-        if record.params is None:
-            return record
-        buffers = [torch.zeros_like(p) if b is None else b for p, b in zip(record.params, record.momentum_buffers)]
-        return dataclasses.replace(record, params=self.to_model_shapes(record.params),
-                                   momentum_buffers=self.to_model_shapes(buffers))
+        """The record's stored tensors in the model's shapes (flat fp32 masters under --fp16)."""
+        if getattr(record, "momentum_buffers", None) is not None:
+            buffers = [torch.zeros_like(p) if b is None else b for p, b in zip(record.params, record.momentum_buffers)]
+            record = dataclasses.replace(record, momentum_buffers=buffers)
+        return map_record_tensors(record, self.to_model_shapes)
 
 
 class Replay:
@@ -165,8 +168,9 @@ def teacher_hypergradient(replay: Replay, steps: List, val_grad, mode: str, teac
     """``d L_val / d omega`` through the recorded ``steps`` (oldest first) at the student's state."""
     student = replay.student
     return reverse_hypergradient(
-        student.theta(), student.momentum(), replay.omega, [student.convert_record(s) for s in steps],
+        student.theta(), student.final_state(), replay.omega, [student.convert_record(s) for s in steps],
         replay.loss_fn, val_grad, mode=mode, all_reduce=all_reduce, teacher_grad_only=teacher_grad_only,
+        optimizer=student.recorder.reverse,
     )
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from fairseq_reweight.core.errors import ReweightConfigError
-from fairseq_reweight.core.sgd import record_from_state, record_to_state
+from fairseq_reweight.core.records import record_from_state, record_to_state
 from fairseq_reweight.vision.reweight import StepData
 
 # options a resumed run must share with the run that wrote the checkpoint
