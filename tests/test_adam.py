@@ -4,7 +4,9 @@ decoupled weight decay and a warm-up schedule)."""
 import pytest
 import torch
 
-from fairseq_reweight.core import ADAM, AdamStepRecord, RecordingAdam, reverse_hypergradient, unrolled_hypergradient
+from fairseq_reweight.core import (
+    ADAM, AdamStepRecord, RecordingAdam, reverse_hypergradient, unroll_steps, unrolled_hypergradient,
+)
 from fairseq_reweight.core.errors import ReweightConfigError
 from test_hypergrad import NUM_STEPS, MLPProblem, TransformerProblem, relative_error
 
@@ -18,9 +20,9 @@ def adam(params, weight_decay=0.01, history_size=NUM_STEPS):
 
 
 def train(problem, clip_norms=None, **kwargs):
-    optimizer = problem.train(clip_norms=clip_norms, make_optimizer=lambda params: adam(params, **kwargs))
-    # the problems set LRS; Adam's steps need smaller ones: re-run with the warm-up
-    return optimizer
+    """The problem's K steps with RecordingAdam (the tests patch test_hypergrad.LRS, the learning
+    rate of each step, to the warm-up above: SGD's are too large for Adam)."""
+    return problem.train(clip_norms=clip_norms, make_optimizer=lambda params: adam(params, **kwargs))
 
 
 def check_adam_against_unrolled(problem, optimizer, windows):
@@ -75,8 +77,6 @@ def test_mlp_through_adam_steps_matches_unrolled(monkeypatch):
     assert [r.step for r in optimizer.history] == [1, 2, 3, 4, 5]
     # the records replay the trajectory taken
     first = optimizer.history[0]
-    from fairseq_reweight.core import unroll_steps
-
     theta_k, (m_k, v_k) = unroll_steps(first.params, (first.exp_avg, first.exp_avg_sq), list(optimizer.history),
                                        problem.loss_fn, optimizer=ADAM)
     assert relative_error(theta_k, optimizer.student_params()) < 1e-13

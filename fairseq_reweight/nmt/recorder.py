@@ -13,8 +13,8 @@ from typing import Any, List, Optional
 
 from fairseq import utils
 
-from fairseq_reweight.core.recording import RecordingMixin
 from fairseq_reweight.core.errors import ReweightConfigError
+from fairseq_reweight.core.recording import RecordingMixin
 from fairseq_reweight.core.records import record_from_state, record_to_state
 from fairseq_reweight.nmt.fairseq_contract import inner_optimizer, is_memory_efficient_fp16, update_attempt_started
 
