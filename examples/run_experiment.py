@@ -128,43 +128,37 @@ def pretrain(data, out, preset, seed, train_args):
     return ckpt
 
 
-def reweighted_pretrain(data, out, preset, flags, seed, train_args):
-    """``--reweight-phase pretrain``: Adam pretraining from scratch with the method's weights; the
-    last checkpoint (every method the same number of updates) and the command."""
+def reweighted_train(data, out, preset, optimizer_flags, flags, seed, train_args, what):
+    """One ``--task reweight_translation`` run (its checkpoint_last.pt and its fairseq-train command),
+    run unless the checkpoint exists; ``what`` names it in the log."""
     ckpt = out / "checkpoint_last.pt"
     p = preset
     cmd = fairseq_bin("fairseq-train") + [str(data), "--user-dir", str(USER_DIR), "--task", "reweight_translation",
-           "--criterion", "reweighted_cross_entropy", "--label-smoothing", "0.1", "--optimizer", "reweight_adam",
-           "--reweight-history", "checkpoint"]
-    cmd += adam_recipe(p) + teacher_flags(data, p) + ["--seed", str(seed), "--save-dir", str(out),
-                                                       "--no-epoch-checkpoints", "--log-format", "simple",
-                                                       "--log-interval", "20"]
+           "--criterion", "reweighted_cross_entropy", "--label-smoothing", "0.1"] + optimizer_flags
+    cmd += teacher_flags(data, p) + ["--seed", str(seed), "--save-dir", str(out), "--no-epoch-checkpoints",
+                                     "--log-format", "simple", "--log-interval", "20"]
     cmd += shlex.split(flags) + shlex.split(p["model"]) + shlex.split(p["device"]) + train_args
     if ckpt.exists():
-        log(f"pretrained model found: {ckpt}")
+        log(f"{what} model found: {ckpt}")
     else:
         run(cmd, out.parent / "logs" / f"{out.name}.log")
     return ckpt, cmd
+
+
+def reweighted_pretrain(data, out, preset, flags, seed, train_args):
+    """``--reweight-phase pretrain``: Adam pretraining from scratch with the method's weights (every
+    method the same number of updates; the last checkpoint is scored)."""
+    optimizer = ["--optimizer", "reweight_adam", "--reweight-history", "checkpoint"] + adam_recipe(preset)
+    return reweighted_train(data, out, preset, optimizer, flags, seed, train_args, "pretrained")
 
 
 def finetune(data, pretrained, out, preset, flags, seed, train_args):
-    """The fine-tune's checkpoint and its fairseq-train command (run unless the checkpoint exists)."""
-    ckpt = out / "checkpoint_last.pt"
-    p = preset
-    cmd = fairseq_bin("fairseq-train") + [str(data), "--user-dir", str(USER_DIR),
-           "--task", "reweight_translation", "--criterion", "reweighted_cross_entropy",
-           "--label-smoothing", "0.1", "--optimizer", "reweight_sgd", "--lr", "1e-3", "--momentum", "0.9",
-           "--lr-scheduler", "fixed", "--max-tokens", str(p["max_tokens"]),
-           "--max-update", str(p["finetune_updates"]), "--seed", str(seed),
-           "--restore-file", str(pretrained), "--reset-optimizer", "--reset-lr-scheduler",
-           "--reset-meters", "--reset-dataloader", "--save-dir", str(out), "--no-epoch-checkpoints",
-           "--log-format", "simple", "--log-interval", "20"] + teacher_flags(data, p)
-    cmd += shlex.split(flags) + shlex.split(p["model"]) + shlex.split(p["device"]) + train_args
-    if ckpt.exists():
-        log(f"fine-tuned model found: {ckpt}")
-    else:
-        run(cmd, out.parent / "logs" / f"{out.name}.log")
-    return ckpt, cmd
+    """The fine-tune (momentum SGD from the pretrained student)."""
+    optimizer = ["--optimizer", "reweight_sgd", "--lr", "1e-3", "--momentum", "0.9", "--lr-scheduler", "fixed",
+                 "--max-tokens", str(preset["max_tokens"]), "--max-update", str(preset["finetune_updates"]),
+                 "--restore-file", str(pretrained), "--reset-optimizer", "--reset-lr-scheduler",
+                 "--reset-meters", "--reset-dataloader"]
+    return reweighted_train(data, out, preset, optimizer, flags, seed, train_args, "fine-tuned")
 
 
 def remove_subword_flag(data):

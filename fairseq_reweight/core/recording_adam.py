@@ -66,9 +66,13 @@ class RecordingAdam(RecordingMixin, torch.optim.Optimizer):
         exp_avg, exp_avg_sq = [], []
         for param in self.group["params"]:
             state = self.state.get(param, {})
-            exp_avg.append(state.get("exp_avg", torch.zeros_like(param, dtype=torch.float32)
-                                     if param.dtype in _HALF else torch.zeros_like(param)))
-            exp_avg_sq.append(state.get("exp_avg_sq", torch.zeros_like(exp_avg[-1])))
+            if "exp_avg" in state:
+                exp_avg.append(state["exp_avg"])
+                exp_avg_sq.append(state["exp_avg_sq"])
+            else:  # allocated only before the first step
+                zeros = torch.zeros_like(param, dtype=torch.float32 if param.dtype in _HALF else param.dtype)
+                exp_avg.append(zeros)
+                exp_avg_sq.append(torch.zeros_like(zeros))
         return exp_avg, exp_avg_sq
 
     def final_state(self):
