@@ -133,6 +133,7 @@ def _cli(args, cwd):
         (["--reweight-teacher", "smart"], "invalid choice: 'smart'"),
         (["--optimizer", "adam", "--lr", "0.001"], "needs --optimizer reweight_sgd"),
         (["--momentum", "0"], "cannot undo steps in reverse"),
+        (["--optimizer", "reweight_adam", "--lr", "0.001"], "reweight_adam needs --reweight-history checkpoint"),
         (["--teacher-features", "encoder,colour"], "unknown --teacher-features colour"),
         (["--reweight-interval", "2", "--reweight-backprop-steps", "3"], "must be between 1 and"),
         (["--meta-valid-subset", "dev"], "--meta-valid-subset dev: no dev.de-en.de"),
@@ -148,6 +149,7 @@ def test_bad_input_gives_one_clear_line(tiny_data_bin, tmp_path, extra, message)
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert "task: ReweightTranslationTask" not in result.stdout  # refused at set-up, before the model is built
 
 
 def test_missing_data_directory(tmp_path):

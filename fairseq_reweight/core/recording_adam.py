@@ -79,11 +79,7 @@ class RecordingAdam(RecordingMixin, torch.optim.Optimizer):
         return None  # nothing is undone from theta_K
 
     def check_history(self, mode: str, flag: str) -> None:
-        if mode != "checkpoint":
-            raise ReweightConfigError(
-                f"--optimizer reweight_adam needs {flag} checkpoint: an Adam step cannot be undone exactly "
-                "(dividing out its square root amplifies round-off where the second moment is small)"
-            )
+        check_adam_history(mode, flag)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -139,3 +135,12 @@ class RecordingAdam(RecordingMixin, torch.optim.Optimizer):
 
 def _fp32(tensor: Tensor) -> Tensor:
     return tensor.float() if tensor.dtype in _HALF else tensor
+
+
+def check_adam_history(mode: str, flag: str) -> None:
+    """Adam's steps replay only from stored states (``flag`` names the history option)."""
+    if mode != "checkpoint":
+        raise ReweightConfigError(
+            f"--optimizer reweight_adam needs {flag} checkpoint: an Adam step cannot be undone exactly "
+            "(dividing out its square root amplifies round-off where the second moment is small)"
+        )

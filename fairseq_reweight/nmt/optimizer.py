@@ -19,7 +19,31 @@ from fairseq.optim import FairseqOptimizer, register_optimizer
 from omegaconf import II, OmegaConf
 
 from fairseq_reweight.core import RecordingAdam, RecordingSGD
+from fairseq_reweight.core.checks import check_reversible
 from fairseq_reweight.core.errors import ReweightConfigError
+from fairseq_reweight.core.recording_adam import check_adam_history
+
+RECORDING_OPTIMIZERS = ("reweight_sgd", "reweight_adam")
+
+
+def optimizer_error(what: str, name: str) -> ReweightConfigError:
+    return ReweightConfigError(f"{what} needs --optimizer reweight_sgd or reweight_adam (got {name}); "
+                               "or use --reweight-teacher none")
+
+
+def check_teacher_optimizer(optimizer_cfg, history: str, what: str) -> None:
+    """What the first update's recorder would refuse, from the run's ``--optimizer`` config, so that
+    fairseq-train stops before it loads data or builds the model. ``history`` is
+    ``--reweight-history``; ``what`` names the option that needs a recording optimizer."""
+    name = optimizer_cfg.get("_name") if optimizer_cfg is not None else None
+    if name is None:  # not a training run (fairseq-generate, a config built by hand)
+        return
+    if name not in RECORDING_OPTIMIZERS:
+        raise optimizer_error(what, name)
+    if name == "reweight_sgd":
+        check_reversible(history, optimizer_cfg.get("momentum", 0.0), "--reweight-history")
+    else:
+        check_adam_history(history, "--reweight-history")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from fairseq_reweight.core.errors import ReweightConfigError
 from fairseq_reweight.core.recording import RecordingMixin
 from fairseq_reweight.core.records import record_from_state, record_to_state
 from fairseq_reweight.nmt.fairseq_contract import inner_optimizer, is_memory_efficient_fp16, update_attempt_started
+from fairseq_reweight.nmt.optimizer import optimizer_error
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +56,7 @@ class StepRecorder:
             raise ReweightConfigError("--memory-efficient-fp16 keeps no fp32 master weights to replay steps from; use --fp16")
         recorder = find_recorder(optimizer)
         if recorder is None:
-            name = type(inner_optimizer(optimizer)).__name__
-            raise ReweightConfigError(f"{what} needs --optimizer reweight_sgd or reweight_adam (got {name}); "
-                                      "or use --reweight-teacher none")
+            raise optimizer_error(what, type(inner_optimizer(optimizer)).__name__)
         recorder.check_history("checkpoint" if self.store_states else "reverse", "--reweight-history")
         recorder.set_history_size(self.history_size)
         recorder.store_states = self.store_states

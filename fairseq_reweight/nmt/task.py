@@ -12,7 +12,7 @@ import itertools
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
@@ -24,6 +24,7 @@ from fairseq_reweight.core import math_attention
 from fairseq_reweight.core.checks import check_schedule
 from fairseq_reweight.core.errors import ReweightConfigError, install_excepthook
 from fairseq_reweight.nmt.driver import ReweightDriver
+from fairseq_reweight.nmt.optimizer import check_teacher_optimizer
 from fairseq_reweight.nmt.weigher import ALL_FEATURES, TokenWeigher, parse_features
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class ReweightTranslationConfig(TranslationConfig):
     clip_norm: float = II("optimization.clip_norm")
     max_tokens_valid: Optional[int] = II("dataset.max_tokens_valid")
     batch_size_valid: Optional[int] = II("dataset.batch_size_valid")
+    optimizer_config: Any = II("optimizer")  # --optimizer and its options, checked at set-up
 
 
 @register_task("reweight_translation", dataclass=ReweightTranslationConfig)
@@ -128,14 +130,14 @@ class ReweightTranslationTask(TranslationTask):
     @classmethod
     def setup_task(cls, cfg: ReweightTranslationConfig, **kwargs):
         install_excepthook()  # a ReweightConfigError reaching fairseq-train's top prints one line
-        if cfg.reweight_teacher != "none":
-            check_options(cfg)
         for path in (cfg.data or "").split(os.pathsep):
             if not os.path.isdir(path):
                 raise ReweightConfigError(
                     f"data directory {path!r} not found: give a fairseq-preprocess output directory "
                     "(see data_prep/README.md)"
                 )
+        if cfg.reweight_teacher != "none":
+            check_options(cfg)
         return super().setup_task(cfg, **kwargs)
 
     def __init__(self, cfg, src_dict, tgt_dict):
@@ -186,6 +188,19 @@ class ReweightTranslationTask(TranslationTask):
     def build_model(self, cfg, from_checkpoint=False):
         self._model_cfg = cfg
         return super().build_model(cfg, from_checkpoint)
+
+    def get_batch_iterator(self, dataset, epoch=1, **kwargs):
+        """fairseq 0.12 orders the examples (ties among equal lengths broken at random) with numpy
+        seed ``seed + epoch`` of the epoch the iterator is created in, then reuses that iterator
+        for every later epoch. A run resumed in epoch e > 1 therefore draws other batches (the same
+        sizes, other sentences) from then on than the run it continues. A new iterator is made as
+        at epoch 1 and then moved to ``epoch``, so that its batches are an uninterrupted run's."""
+        cached = self.dataset_to_epoch_iter.get(dataset)
+        iterator = super().get_batch_iterator(dataset, epoch=1, **kwargs)
+        if iterator is not cached and epoch > 1:
+            iterator.epoch = epoch
+            dataset.set_epoch(epoch)
+        return iterator
 
     def _training_attention(self):
         """With attention dropout, fused attention kernels draw other dropout masks than the math
@@ -262,6 +277,7 @@ def check_options(cfg: ReweightTranslationConfig) -> None:
     features = parse_features(cfg.teacher_features, cfg.reweight_teacher)
     if "progress" in features and cfg.max_update <= 0:
         raise ReweightConfigError("--teacher-features progress needs --max-update > 0")
+    check_teacher_optimizer(cfg.optimizer_config, cfg.reweight_history, f"--reweight-teacher {cfg.reweight_teacher}")
     if not cfg.teacher_lr > 0:
         raise ReweightConfigError(f"--teacher-lr must be > 0, got {cfg.teacher_lr}")
     if cfg.reweight_noise_auc_interval < 1:
