@@ -8,6 +8,9 @@ fairseq's own Trainer, in one process:
 - ``K=20,B=2``: this method with the paper's schedule, and a sweep over K and B;
 - ``lookahead``: a one-step look-ahead meta-update before every step (K=1, B=1), the cost pattern of
   L2RW / Meta-Weight-Net;
+- ``K=20,B=2 fwd-rev``: the ``--dual-sweep`` pairs with ``--reweight-hvp forward-over-reverse``
+  (each replayed step's Hessian-vector products from a backward pass at dual numbers instead of a
+  double backward);
 - the Adam column: plain fairseq ``--optimizer adam`` against ``--optimizer reweight_adam``
   (``--reweight-history checkpoint``) at ``--adam-sweep`` (default K=20, B=2), as ratios to plain Adam.
 
@@ -15,11 +18,13 @@ Every configuration is timed on the same updates: after max(K)+1 warm-up updates
 ``--periods`` x lcm(K) updates (whole periods of every K; at least 20), so the meta-updates are
 amortised exactly and batch sizes do not differ between configurations. Peak memory is
 ``torch.cuda.max_memory_allocated`` on a GPU and the peak resident set size sampled every
-millisecond on the CPU. Prints a table of ratios to ``plain``. On a small shared CPU machine the
-wall-clock ratios vary by about +-0.1 between runs; ``meta_breakdown.py`` is steadier.
+millisecond on the CPU. Prints a table of ratios to ``plain``. ``--repeats N`` measures every
+configuration N times, round-robin, and prints each ratio's median over the repeats (each repeat's
+ratio to that repeat's plain run) with its range: on a small shared CPU machine single ratios vary
+by about +-0.1 between runs.
 
     python benchmarks/cost.py DATA_BIN --arch transformer_iwslt_de_en --max-tokens 4096   # GPU
-    python benchmarks/cost.py DATA_BIN --preset cpu-small                                  # CPU
+    python benchmarks/cost.py DATA_BIN --preset cpu-small --repeats 3                      # CPU
 """
 import argparse
 import copy
@@ -27,6 +32,7 @@ import logging
 import math
 import os
 import shlex
+import statistics
 import sys
 import threading
 import time
@@ -122,7 +128,11 @@ def main():
     parser.add_argument("--preset", choices=["cpu-small"], help="small model and batches for the CPU")
     parser.add_argument("--sweep", default="20:2,20:1,20:5,10:2,50:2",
                         help="K:B pairs to measure besides plain and lookahead")
+    parser.add_argument("--dual-sweep", default="20:2,20:5",
+                        help="K:B pairs to measure also with --reweight-hvp forward-over-reverse ('' for none)")
     parser.add_argument("--history", default="reverse", choices=["reverse", "checkpoint"])
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure every configuration this many times and print medians and ranges")
     parser.add_argument("--adam-sweep", default="20:2",
                         help="K:B pairs of reweight_adam to measure against plain fairseq Adam ('' for none)")
     parser.add_argument("--periods", type=int, default=1,
@@ -141,6 +151,9 @@ def main():
     ours += ["--reweight-history", args.history] + shlex.split(args.reweight_args)
     configs = [(f"K={k},B={b}", int(k), ours + ["--reweight-interval", k, "--reweight-backprop-steps", b])
                for k, b in (pair.split(":") for pair in args.sweep.split(","))]
+    configs += [(f"K={k},B={b} fwd-rev", int(k), ours + ["--reweight-interval", k, "--reweight-backprop-steps", b,
+                                                          "--reweight-hvp", "forward-over-reverse"])
+                for k, b in (pair.split(":") for pair in args.dual_sweep.split(",") if pair)]
     configs.append(("lookahead K=1,B=1", 1, ours + ["--reweight-interval", "1", "--reweight-backprop-steps", "1"]))
     plain_adam, ours_adam = training_flags(model_flags, "adam")
     ours_adam += ["--reweight-history", "checkpoint"] + shlex.split(args.reweight_args)
@@ -168,23 +181,40 @@ def main():
     # a discarded first run absorbs one-off costs (CUDA context, kernel selection, allocator growth)
     print(f"timing updates {warmup + 1}-{warmup + timed} of every configuration (after {warmup} warm-up updates)")
     measure("warm-up", args.data, plain, init_state, batches, 2, 2)
-    results = [measure("plain fairseq SGD", args.data, plain, init_state, batches, warmup, timed)]
-    for name, _, flags in configs:
-        results.append(measure(name, args.data, flags, init_state, batches, warmup, timed))
+    tables = [[("plain fairseq SGD", plain)] + [(name, flags) for name, _, flags in configs]]
     if adam_configs:
-        adam_results = [measure("plain fairseq Adam", args.data, plain_adam, init_state, batches, warmup, timed)]
-        for name, _, flags in adam_configs:
-            adam_results.append(measure(name, args.data, flags, init_state, batches, warmup, timed))
-    for table in (results, adam_results if adam_configs else []):
-        if not table:
-            continue
-        base = table[0]
-        print(f"\n{'configuration':<22} {'ms/update':>10} {'x plain':>8} {'peak MiB':>9} {'x plain':>8}")
-        for r in table:
-            print(f"{r['name']:<22} {r['ms']:>10.1f} {r['ms'] / base['ms']:>8.2f} {r['peak'] / 2**20:>9.0f} "
-                  f"{r['peak'] / base['peak']:>8.2f}")
+        tables.append([("plain fairseq Adam", plain_adam)] + [(name, flags) for name, _, flags in adam_configs])
+    runs = [[[] for _ in table] for table in tables]
+    for repeat in range(args.repeats):
+        for table, table_runs in zip(tables, runs):
+            for (name, flags), config_runs in zip(table, table_runs):
+                config_runs.append(measure(name, args.data, flags, init_state, batches, warmup, timed))
+    for table, table_runs in zip(tables, runs):
+        print_table(table, table_runs)
     print(f"\n(history mode: {args.history}, Adam: checkpoint; peak memory: "
           f"{'torch.cuda.max_memory_allocated' if device != 'CPU' else 'process RSS'})")
+
+
+def print_table(table, runs):
+    """Per configuration: median ms and peak, and the median (min-max) of its ratios to the plain
+    run of the same repeat."""
+    base = runs[0]
+
+    def summary(values):
+        middle = statistics.median(values)
+        return f"{middle:.2f}" if len(values) == 1 else f"{middle:.2f} ({min(values):.2f}-{max(values):.2f})"
+
+    width = 8 if len(base) == 1 else 18
+    print(f"\n{'configuration':<22} {'ms/update':>10} {'x plain':>{width}} {'peak MiB':>9} {'x plain':>{width}}")
+    for (name, _), config_runs in zip(table, runs):
+        ms = statistics.median(r["ms"] for r in config_runs)
+        peak = statistics.median(r["peak"] for r in config_runs)
+        time_ratios = [r["ms"] / b["ms"] for r, b in zip(config_runs, base)]
+        peak_ratios = [r["peak"] / b["peak"] for r, b in zip(config_runs, base)]
+        print(f"{name:<22} {ms:>10.1f} {summary(time_ratios):>{width}} {peak / 2**20:>9.0f} "
+              f"{summary(peak_ratios):>{width}}")
+    if len(base) > 1:
+        print(f"(medians over {len(base)} repeats; ratios: median (min-max) of each repeat's ratio to its plain run)")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,14 @@
 """Where a meta-update's time goes, in units of one training step of the same run.
 
 Trains with this method through fairseq's Trainer (same flags as ``cost.py``) and times, per
-meta-update, the validation gradient, each replayed step by double backward and the oldest replayed
-step by forward-mode AD (``teacher_grad_only``), against the mean time of a training step without a
-meta-update. The time per update of K=k, B=b is then about
-``1 + (validation + (b - 1) x double backward + forward-mode) / k`` training steps.
+meta-update, the validation gradient, each replayed step's Hessian-vector products (by double
+backward, or with ``--reweight-hvp forward-over-reverse`` by a backward pass at dual numbers) and
+the oldest replayed step by forward-mode AD (``teacher_grad_only``), against the mean time of a
+training step without a meta-update. The time per update of K=k, B=b is then about
+``1 + (validation + (b - 1) x replayed step + forward-mode) / k`` training steps.
 
     python benchmarks/meta_breakdown.py DATA_BIN --arch transformer_iwslt_de_en --max-tokens 4096   # GPU
-    python benchmarks/meta_breakdown.py DATA_BIN --preset cpu-small                                  # CPU
+    python benchmarks/meta_breakdown.py DATA_BIN --preset cpu-small [--reweight-hvp forward-over-reverse]
 """
 import argparse
 import logging
@@ -34,15 +35,13 @@ def main():
         model_flags = cost.CPU_SMALL + model_flags
     logging.disable(logging.WARNING)
     sys.path.insert(0, cost.REPO)
+    from fairseq_reweight.core import gradients, reverse
     from fairseq_reweight.nmt import replay
-    from fairseq_reweight.core import reverse
 
     cuda = torch.cuda.is_available() and "--cpu" not in model_flags
     times = {}
 
-    def timed(owner, name, label):
-        function = getattr(owner, name)
-
+    def timed(function, label):
         def wrapper(*a, **kw):
             if cuda:
                 torch.cuda.synchronize()
@@ -53,11 +52,12 @@ def main():
             times.setdefault(label, []).append(time.perf_counter() - start)
             return result
 
-        setattr(owner, name, wrapper)
+        return wrapper
 
-    timed(replay.Replay, "validation_gradient", "validation gradient")
-    timed(reverse, "gradient_vjp", "replayed step, double backward")
-    timed(reverse, "teacher_vjp", "oldest replayed step, forward-mode")
+    replay.Replay.validation_gradient = timed(replay.Replay.validation_gradient, "validation gradient")
+    for hvp in gradients.HVP:  # the one --reweight-hvp picks (default: double-backward)
+        gradients.HVP[hvp] = timed(gradients.HVP[hvp], f"replayed step, {hvp}")
+    reverse.teacher_vjp = timed(reverse.teacher_vjp, "oldest replayed step, forward-mode")
 
     flags = cost.training_flags(model_flags)[1] + ["--reweight-interval", str(args.interval),
                                                     "--reweight-backprop-steps", str(args.backprop_steps)]

@@ -35,10 +35,10 @@ def check_adam_against_unrolled(problem, optimizer, windows):
         expected = unrolled_hypergradient(window[0].params, (window[0].exp_avg, window[0].exp_avg_sq), omega, window,
                                           problem.loss_fn, problem.val_loss, optimizer=ADAM)
         assert torch.cat([e.reshape(-1) for e in expected]).norm() > 1e-6  # non-trivial
-        for fast in (False, True):
+        for fast, hvp in ((False, "double-backward"), (True, "double-backward"), (False, "forward-over-reverse")):
             result = reverse_hypergradient(theta_k, None, omega, window, problem.loss_fn, val_grad,
-                                           mode="checkpoint", teacher_grad_only=fast, optimizer=ADAM)
-            errors[num_steps, fast] = relative_error(result.teacher_grad, expected)
+                                           mode="checkpoint", teacher_grad_only=fast, optimizer=ADAM, hvp=hvp)
+            errors[num_steps, fast, hvp] = relative_error(result.teacher_grad, expected)
     assert max(errors.values()) <= TOLERANCE, errors
     return errors
 

@@ -140,8 +140,9 @@ def _run(args) -> float:
     with replay_session(trainer.model, criterion, driver.teacher, driver.recorder.optimizer, cfg.common.seed,
                         cfg.task.meta_valid_loss, trainer.get_num_updates()) as replay:
         _, val_grad = replay.validation_gradient(val_sample)
-        # as training computes it (the oldest step by forward-mode AD), and all by double backward
-        reverse, full = (teacher_hypergradient(replay, steps, val_grad, mode, fast).teacher_grad for fast in (True, False))
+        # as training computes it (the oldest step by forward-mode AD), and every step by --reweight-hvp
+        reverse, full = (teacher_hypergradient(replay, steps, val_grad, mode, fast, hvp=cfg.task.reweight_hvp).teacher_grad
+                         for fast in (True, False))
         reference = unrolled_hypergradient(
             start, None, replay.omega, steps, replay.loss_fn,
             lambda params: replay.validation_loss(val_sample, params), optimizer=replay.student.recorder.reverse,
@@ -151,7 +152,7 @@ def _run(args) -> float:
     full_errors = relative_errors(full, reference)
     for name, err, full_err, g in zip(names, errors, full_errors, reference):
         print(f"teacher.{name:<28} |grad| {g.norm().item():.3e}  relative error {err:.3e} "
-              f"(all steps by double backward: {full_err:.3e})")
+              f"(every step by {cfg.task.reweight_hvp}: {full_err:.3e})")
     return max(errors + full_errors)
 
 

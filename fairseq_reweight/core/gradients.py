@@ -102,7 +102,8 @@ def clip_direction(grad_sum, norm, clip_norm, g_bar):
 
 
 def gradient_vjp(step, theta, teacher_params, loss_fn, g_bar, all_reduce, step_index):
-    """``g = s G`` at ``theta`` and the products ``d(g . g~)/d theta``, ``d(g . g~)/d omega``.
+    """``g = s G`` at ``theta`` and the products ``d(g . g~)/d theta``, ``d(g . g~)/d omega``, by
+    reverse-over-reverse (double backward).
 
     Without clipping one pass suffices: per chunk, ``G_c`` with ``create_graph=True``, accumulate
     ``G_c.detach()``, then the Hessian-vector product ``d(G_c . g~)``, then free the chunk's graph.
@@ -131,17 +132,60 @@ def gradient_vjp(step, theta, teacher_params, loss_fn, g_bar, all_reduce, step_i
                 add_into(hvp_theta, hvp[: len(theta)])
                 add_into(hvp_omega, hvp[len(theta):])
 
+    grad_sum, norm, scale = _through_clipping(accumulate, step, theta, loss_fn, g_bar, all_reduce, step_index, hvp_theta)
+    return grad_sum, norm, scale, hvp_theta, hvp_omega
+
+
+def gradient_jvp(step, theta, teacher_params, loss_fn, g_bar, all_reduce, step_index):
+    """What :func:`gradient_vjp` returns, by forward-over-reverse: per chunk, one backward pass of
+    the loss at dual numbers ``theta + eps v`` (forward-mode AD, ``v`` = g~ or the clipped
+    direction u). Its gradient is ``G_c + eps (H v, d(G_c . v)/d omega)``: the primal is the step's
+    gradient, the tangents are both products (the Hessian is symmetric, and so are mixed second
+    derivatives), without a graph of the gradient. ``loss_fn`` must accept dual tensors."""
+    hvp_theta = [torch.zeros_like(p) for p in theta]
+    hvp_omega = [torch.zeros_like(w) for w in teacher_params]
+
+    def accumulate(vector, grad_sum):
+        with forward_ad.dual_level():
+            primals = [t.detach().requires_grad_() for t in theta]
+            duals = [forward_ad.make_dual(p, v) for p, v in zip(primals, vector)]
+            for chunk in iter_loss_chunks(loss_fn(step, duals), step_index):
+                grads = _chunk_gradient(chunk, primals + list(teacher_params), create_graph=False)
+                for index, grad in enumerate(grads or ()):
+                    if grad is None:
+                        continue
+                    primal, tangent = forward_ad.unpack_dual(grad)
+                    if index < len(theta):
+                        if grad_sum is not None:
+                            grad_sum[index].add_(primal)
+                        if tangent is not None:
+                            hvp_theta[index].add_(tangent)
+                    elif tangent is not None:
+                        hvp_omega[index - len(theta)].add_(tangent)
+                del grads
+
+    grad_sum, norm, scale = _through_clipping(accumulate, step, theta, loss_fn, g_bar, all_reduce, step_index, hvp_theta)
+    return grad_sum, norm, scale, hvp_theta, hvp_omega
+
+
+HVP = {"double-backward": gradient_vjp, "forward-over-reverse": gradient_jvp}
+
+
+def _through_clipping(accumulate, step, theta, loss_fn, g_bar, all_reduce, step_index, hvp_theta):
+    """Run ``accumulate(direction, grad_sum)`` (the products along ``direction``, G into
+    ``grad_sum`` when given) along g~, or, with clipping, G first and then along u. Returns
+    (G, ||G||, s) with G and ``hvp_theta`` summed over workers."""
     if step.clip_norm <= 0:
         grad_sum = [torch.zeros_like(p) for p in theta]
         accumulate(g_bar, grad_sum)
         if all_reduce is not None:
             all_reduce(grad_sum + hvp_theta)
-        return grad_sum, global_norm(grad_sum), 1.0, hvp_theta, hvp_omega
+        return grad_sum, global_norm(grad_sum), 1.0
     grad_sum, norm = full_gradient(step, theta, loss_fn, all_reduce, step_index)
     accumulate(clip_direction(grad_sum, norm, step.clip_norm, g_bar), None)
     if all_reduce is not None:
         all_reduce(hvp_theta)
-    return grad_sum, norm, clip_factor(norm, step.clip_norm)[0], hvp_theta, hvp_omega
+    return grad_sum, norm, clip_factor(norm, step.clip_norm)[0]
 
 
 def teacher_vjp(step, theta, teacher_params, loss_fn, g_bar, all_reduce, step_index):

@@ -15,7 +15,8 @@ The loop, newest step first::
         theta_t     = undo the parameter step         (mode="checkpoint": step.params)
         g~          = adjoint of the step's gradient   (SGD: v_bar - lr theta_bar; Adam: core/adam.py)
         d(g_t . g~)/d theta, d(g_t . g~)/d omega      (gradients.gradient_vjp: one chunked
-                                                       double backward, exact through clipping)
+                                                       double backward, exact through clipping;
+                                                       or gradient_jvp: forward-over-reverse)
         state_t     = undo the state step, given G_t   (mode="reverse" only)
         theta_bar, state_bar = the optimizer's adjoint of its update + d(g_t . g~)/d theta
         omega_bar  += d(g_t . g~)/d omega
@@ -51,7 +52,7 @@ from torch import Tensor
 
 from .attention import math_attention
 from .checks import check_finite, validate_inputs, validate_teacher_params, validate_tensor_list
-from .gradients import add_into, global_norm, gradient_vjp, teacher_vjp
+from .gradients import HVP, add_into, global_norm, teacher_vjp
 from .sgd import SGD, StepRecord
 
 LossFn = Callable[[StepRecord, List[Tensor]], Union[Tensor, Iterable[Tensor]]]
@@ -99,6 +100,7 @@ def reverse_hypergradient(
     math_sdpa: bool = True,
     teacher_grad_only: bool = False,
     optimizer=SGD,
+    hvp: str = "double-backward",
 ) -> HypergradResult:
     """Gradient of a validation loss at theta_K with respect to the teacher, through the last steps.
 
@@ -119,10 +121,18 @@ def reverse_hypergradient(
         teacher_grad_only: only ``teacher_grad`` is wanted: the oldest step by forward-mode AD.
         optimizer: how the steps were taken (:data:`~fairseq_reweight.core.sgd.SGD`,
             :data:`~fairseq_reweight.core.adam.ADAM`).
+        hvp: how a step's Hessian-vector products are computed: ``"double-backward"``
+            (reverse-over-reverse, :func:`~.gradients.gradient_vjp`) or ``"forward-over-reverse"``
+            (:func:`~.gradients.gradient_jvp`; ``loss_fn`` must accept dual tensors). Same values
+            up to round-off; which is faster depends on the model and the hardware
+            (``benchmarks/meta_breakdown.py``).
 
     Returns a :class:`HypergradResult`; raises ValueError on inconsistent inputs, non-finite
     ``val_grad``, or a step the mode cannot undo.
     """
+    if hvp not in HVP:
+        raise ValueError(f"hvp must be one of {', '.join(map(repr, HVP))}, got {hvp!r}")
+    step_products = HVP[hvp]
     params, teacher_params, steps, theta_bar, state = _checked_inputs(
         params, momentum_buffers, teacher_params, steps, val_grad, mode, optimizer
     )
@@ -141,7 +151,7 @@ def reverse_hypergradient(
             if teacher_grad_only and index == 0:
                 norm, scale, hvp_omega = teacher_vjp(step, theta, teacher_params, loss_fn, g_bar, all_reduce, index)
             else:
-                grad, norm, scale, hvp_theta, hvp_omega = gradient_vjp(
+                grad, norm, scale, hvp_theta, hvp_omega = step_products(
                     step, theta, teacher_params, loss_fn, g_bar, all_reduce, index
                 )
                 with torch.no_grad():

@@ -164,23 +164,24 @@ def replay_session(model, criterion, teacher, recorder, seed: int, valid_loss: s
 
 
 def teacher_hypergradient(replay: Replay, steps: List, val_grad, mode: str, teacher_grad_only: bool = True,
-                          all_reduce=None) -> HypergradResult:
-    """``d L_val / d omega`` through the recorded ``steps`` (oldest first) at the student's state."""
+                          all_reduce=None, hvp: str = "double-backward") -> HypergradResult:
+    """``d L_val / d omega`` through the recorded ``steps`` (oldest first) at the student's state
+    (``hvp``: ``--reweight-hvp``)."""
     student = replay.student
     return reverse_hypergradient(
         student.theta(), student.final_state(), replay.omega, [student.convert_record(s) for s in steps],
         replay.loss_fn, val_grad, mode=mode, all_reduce=all_reduce, teacher_grad_only=teacher_grad_only,
-        optimizer=student.recorder.reverse,
+        optimizer=student.recorder.reverse, hvp=hvp,
     )
 
 
-def meta_gradient(replay: Replay, steps: List, sample, mode: str):
+def meta_gradient(replay: Replay, steps: List, sample, mode: str, hvp: str = "double-backward"):
     """(validation loss, teacher gradient) of one meta-update, the gradient None where the validation
     gradient or the hypergradient has non-finite entries (a diverged student: skip the update)."""
     val_loss, val_grad = replay.validation_gradient(sample)
     if not (math.isfinite(val_loss) and all_finite(val_grad)):
         return val_loss, None
-    grads = teacher_hypergradient(replay, steps, val_grad, mode, all_reduce=all_reduce_fn()).teacher_grad
+    grads = teacher_hypergradient(replay, steps, val_grad, mode, all_reduce=all_reduce_fn(), hvp=hvp).teacher_grad
     return val_loss, grads if all_finite(grads) else None
 
 

@@ -73,6 +73,12 @@ class ReweightTranslationConfig(TranslationConfig):
             "nothing; needs momentum > 0); checkpoint: keep B copies of parameters and momentum (exact)"
         },
     )
+    reweight_hvp: ChoiceEnum(["double-backward", "forward-over-reverse"]) = field(
+        default="double-backward",
+        metadata={"help": "how a replayed step's Hessian-vector products are computed: by a double backward "
+                  "(reverse-over-reverse) or by one backward pass at dual numbers (forward-over-reverse); "
+                  "the same values up to round-off, at different cost (benchmarks/meta_breakdown.py)"},
+    )
     reweight_features_grad: bool = field(
         default=False,
         metadata={"help": "let the weights depend on the student through its features (off: detached, as in the paper)"},
