@@ -134,3 +134,58 @@ def test_two_gloo_processes_match_one_process_with_update_freq_2(tiny_data_bin, 
             # by sqrt(v): summation-order round-off becomes a step of up to lr
             continue
         torch.testing.assert_close(one_model[key], two_model[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def _validation_gradient(data):
+    """Replay.validation_gradient of a fixed tiny student on the first meta-validation batch, with
+    the sentence ids each validation forward saw, and the batch's ids."""
+    from types import SimpleNamespace
+
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    from fairseq_reweight.nmt.replay import Replay
+
+    args = options.parse_args_and_arch(options.get_training_parser(), [data] + BASE)
+    cfg = convert_namespace_to_omegaconf(args)
+    torch.manual_seed(1)
+    task = tasks.setup_task(cfg.task)
+    model, criterion = task.build_model(cfg.model), task.build_criterion(cfg.criterion)
+    sample = next(task.meta_valid_batches())
+    names = [n for n, _ in model.named_parameters()]
+    student = SimpleNamespace(replay_model=model, device=torch.device("cpu"),
+                              theta=lambda: [p.detach() for p in model.parameters()],
+                              param_dict=lambda ps: dict(zip(names, ps)))
+    replay, seen = Replay(student, criterion, {}, 1), []
+    loss_of = replay.validation_loss
+    replay.validation_loss = lambda part, params, size=None: seen.append(part["id"].tolist()) or loss_of(part, params, size)
+    loss, grads = replay.validation_gradient(sample)
+    return {"loss": loss, "grads": grads, "seen": seen, "ids": sample["id"].tolist()}
+
+
+def _validation_gradient_on_rank(rank, data, init_method, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    try:
+        torch.save(_validation_gradient(data), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_meta_validation_is_split_across_ranks(tiny_data_bin, tmp_path):
+    """Two gloo ranks each run the validation forward and backward on half of the (same) batch;
+    the all-reduced loss and gradient are the one-process ones."""
+    import torch.multiprocessing as mp
+
+    one = _validation_gradient(tiny_data_bin)
+    assert one["seen"] == [one["ids"]]
+    mp.spawn(_validation_gradient_on_rank, args=(tiny_data_bin, f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for rank, result in enumerate(ranks):
+        assert result["seen"] == [one["ids"][rank::2]]  # its own half of the sentences
+        assert result["loss"] == pytest.approx(one["loss"], rel=1e-6)
+        for a, b in zip(result["grads"], one["grads"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+

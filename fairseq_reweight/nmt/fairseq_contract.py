@@ -65,6 +65,25 @@ def master_params_in_model_shapes(tensors: List[Tensor], shapes: List[torch.Size
     return [chunk.view(shape) for chunk, shape in zip(flat.split(sizes), shapes)]
 
 
+def batch_rows(sample: Dict, rows: Tensor, pad: int) -> Dict:
+    """The sentences ``rows`` of a collated translation batch (``LanguagePairDataset.collater``:
+    every tensor with one row per sentence, in ``net_input`` too, is indexed; the padding width is
+    kept), with its ``nsentences`` and ``ntokens`` recounted."""
+    count = sample["target"].size(0)
+
+    def pick(value):
+        if isinstance(value, dict):
+            return {key: pick(v) for key, v in value.items()}
+        if torch.is_tensor(value) and value.dim() > 0 and value.size(0) == count:
+            return value.index_select(0, rows.to(value.device))
+        return value
+
+    part = pick(sample)
+    part["nsentences"] = int(rows.numel())
+    part["ntokens"] = int(part["target"].ne(pad).sum())
+    return part
+
+
 def encoder_states(encoder_out: Dict) -> Tuple[Tensor, Optional[Tensor]]:
     """(T x B x C states, B x T padding mask or None) of a ``TransformerEncoder`` output, the dict
     of lists ``{"encoder_out": [T x B x C], "encoder_padding_mask": [B x T] or [], ...}``."""

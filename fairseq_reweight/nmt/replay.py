@@ -106,9 +106,10 @@ class Replay:
         with substitute_parameters(model, self.student.param_dict(params)):
             return self.criterion(model, sample, teacher_params=self.omega_by_name)[0]
 
-    def validation_loss(self, sample, params):
+    def validation_loss(self, sample, params, size: Optional[float] = None):
         """Token-averaged validation loss at ``params`` (eval mode: no dropout): the criterion's
-        (label-smoothed with --label-smoothing) or, with ``valid_loss="nll"``, the plain NLL."""
+        (label-smoothed with --label-smoothing) or, with ``valid_loss="nll"``, the plain NLL;
+        divided by ``size`` if given (a share of a batch), else by the sample's size."""
         if self.student.device.type == "cuda":
             sample = utils.move_to_cuda(sample, device=self.student.device)
         model = self.student.replay_model
@@ -119,14 +120,30 @@ class Replay:
             with substitute_parameters(model, self.student.param_dict(params)):
                 net_output = model(**sample["net_input"])
                 loss = contract.unwrap_model(self.criterion).compute_loss(model, net_output, sample, reduce=True)[1]
-        return loss / float(sample_size(sample, self.criterion))
+        return loss / (float(sample_size(sample, self.criterion)) if size is None else size)
 
     def validation_gradient(self, sample):
-        """(validation loss, its gradient) at the student's current parameters theta_K."""
+        """(validation loss, its gradient) at the student's current parameters theta_K.
+
+        Under data parallelism every rank holds the same batch; each computes the loss of its share
+        of the sentences (rows rank, rank + N, ...) divided by the whole batch's size, and the
+        all-reduced sums are the whole batch's loss and gradient, at 1/N of the work per rank."""
         leaves = [t.detach().requires_grad_() for t in self.student.theta()]
-        loss = self.validation_loss(sample, leaves)
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        return loss.item(), [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+        size = float(sample_size(sample, self.criterion))
+        if data_parallel():
+            rows = torch.arange(dist.get_rank(), sample["target"].size(0), dist.get_world_size())
+            sample = contract.batch_rows(sample, rows, contract.unwrap_model(self.criterion).padding_idx)
+        if sample["target"].size(0) > 0:
+            loss = self.validation_loss(sample, leaves, size)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            loss = loss.detach().reshape(1)
+        else:  # fewer sentences than ranks
+            loss, grads = leaves[0].new_zeros(1), [None] * len(leaves)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+        if data_parallel():
+            for tensor in [loss] + grads:
+                dist.all_reduce(tensor)
+        return loss.item(), grads
 
     def loss_fn(self, step, params):
         """The step's micro-batch losses at ``params``, normalised as the trainer normalises."""
