@@ -30,6 +30,9 @@ def main():
     parser.add_argument("--interval", type=int, default=10, help="K (default 10: more meta-updates to average)")
     parser.add_argument("--backprop-steps", type=int, default=2, help="B (default 2)")
     parser.add_argument("--updates", type=int, default=71, help="training updates to run (default 71)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also print the N operators with the most self time in the third meta-update "
+                        "(torch.profiler)")
     args, model_flags = parser.parse_known_args()
     if args.preset == "cpu-small":
         model_flags = cost.CPU_SMALL + model_flags
@@ -37,6 +40,7 @@ def main():
     sys.path.insert(0, cost.REPO)
     from fairseq_reweight.core import gradients, reverse
     from fairseq_reweight.nmt import replay
+    from fairseq_reweight.nmt.driver import ReweightDriver
 
     cuda = torch.cuda.is_available() and "--cpu" not in model_flags
     times = {}
@@ -58,6 +62,19 @@ def main():
     for hvp in gradients.HVP:  # the one --reweight-hvp picks (default: double-backward)
         gradients.HVP[hvp] = timed(gradients.HVP[hvp], f"replayed step, {hvp}")
     reverse.teacher_vjp = timed(reverse.teacher_vjp, "oldest replayed step, forward-mode")
+    profiles = []
+    if args.profile:
+        meta_update = ReweightDriver.meta_update
+
+        def profiled(self, *a, **kw):
+            if self.num_meta_updates != 2:  # the third one: past one-off costs
+                return meta_update(self, *a, **kw)
+            with torch.profiler.profile(record_shapes=False) as prof:
+                result = meta_update(self, *a, **kw)
+            profiles.append(prof)
+            return result
+
+        ReweightDriver.meta_update = profiled
 
     flags = cost.training_flags(model_flags)[1] + ["--reweight-interval", str(args.interval),
                                                     "--reweight-backprop-steps", str(args.backprop_steps)]
@@ -93,6 +110,9 @@ def main():
         total += per_update
         print(f"{label:<36} {1000 * mean:8.1f} ms = {mean / step:5.2f} training steps (mean of {len(values)})")
     print(f"meta-update total: {total / step:.2f} training steps; at K=20: {1 + total / step / 20:.2f}x a plain update")
+    for prof in profiles:
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.profile))
 
 
 if __name__ == "__main__":
