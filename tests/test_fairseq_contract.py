@@ -84,6 +84,21 @@ def test_fp16_optimizer_wraps_ours_with_flat_fp32_masters_in_parameter_order(tin
     assert contract.is_memory_efficient_fp16(memory_efficient)
 
 
+def test_bf16_runs_without_tpu_where_torch_xla_is_missing(tiny_data_bin):
+    args = options.parse_args_and_arch(options.get_training_parser(), [tiny_data_bin] + TINY_TRANSFORMER + REWEIGHT
+                                       + ["--lr", "0.01", "--momentum", "0.9", "--bf16"])
+    assert args.bf16 and args.tpu  # fairseq 0.12's options.py: --bf16 implies --tpu
+    cfg, task, model, criterion = _setup(tiny_data_bin, ["--bf16"])
+    assert cfg.common.bf16 and not cfg.common.tpu  # cleared by the task's set-up
+    trainer = Trainer(cfg, task, model, criterion)
+    assert not trainer.tpu and trainer.device.type == "cpu"
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}  # fairseq's bf16 path
+    assert {p.dtype for p in criterion.reweight.teacher.parameters()} == {torch.float32}
+    with mock.patch("importlib.util.find_spec", return_value=object()):  # torch_xla installed: a TPU run
+        cfg, *_ = _setup(tiny_data_bin, ["--bf16"])
+    assert cfg.common.tpu
+
+
 def test_transformer_outputs_have_the_layout_the_teacher_reads(tiny_data_bin):
     _, task, model, _ = _setup(tiny_data_bin)
     task.load_dataset("valid")

@@ -41,6 +41,18 @@ def test_teacher_at_init_matches_uniform_loss(tiny_data_bin, tmp_path):
     assert first_deep == first_base  # logged to 3 decimals
 
 
+def test_bf16_trains_with_meta_updates(tiny_data_bin, tmp_path):
+    """--bf16 (fairseq 0.12 would turn it into --tpu; see fairseq_contract.bf16_without_tpu): the
+    student in bf16 with fp32 master weights, the replay and the teacher in fp32."""
+    stats = _inner(run_train(tiny_data_bin, str(tmp_path), COMMON + REWEIGHT + [
+        "--bf16", "--reweight-interval", "3", "--max-update", "7"]))
+    gnorms = [float(s["teacher_gnorm"]) for s in stats if "teacher_gnorm" in s]
+    assert len(stats) == 7 and gnorms and all(0 < g < float("inf") for g in gnorms)
+    state = torch.load(tmp_path / "checkpoint_last.pt")
+    teacher = {k: v for k, v in state["criterion"].items() if ".teacher." in k}
+    assert teacher and {v.dtype for v in teacher.values()} == {torch.float32}
+
+
 def test_reweighted_run_checkpoint_generate_bleu(tiny_data_bin, tmp_path):
     save = tmp_path / "ckpt"
     stats = run_train(tiny_data_bin, str(save), COMMON + REWEIGHT + [

@@ -5,11 +5,13 @@ document as API. Each function below names the fairseq code it mirrors, and
 ``tests/test_fairseq_contract.py`` pins each one against the installed fairseq, so that a fairseq
 upgrade that changes any of them fails there, loudly, instead of giving a wrong hypergradient.
 """
+import importlib.util
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from fairseq import utils
 from fairseq.optim.fp16_optimizer import MemoryEfficientFP16Optimizer
+from omegaconf import OmegaConf
 from torch import Tensor
 
 
@@ -82,6 +84,23 @@ def batch_rows(sample: Dict, rows: Tensor, pad: int) -> Dict:
     part["nsentences"] = int(rows.numel())
     part["ntokens"] = int(part["target"].ne(pad).sum())
     return part
+
+
+def bf16_without_tpu(cfg) -> bool:
+    """``parse_args_and_arch`` in fairseq 0.12's ``options.py`` sets ``--tpu`` whenever ``--bf16``
+    is given (bf16 once meant TPUs), and the trainer then asks torch_xla for its device. Where
+    torch_xla is not installed the run cannot be meant for a TPU: clear ``common.tpu`` in the
+    run's config (``cfg`` is any node of it, e.g. the task's), so that the trainer takes fairseq's
+    own bf16 path on the GPU (model and batches in bf16, fp32 master weights in ``FP16Optimizer``,
+    no loss scaling). Returns whether it cleared the flag."""
+    root = cfg._get_root() if OmegaConf.is_config(cfg) else None
+    common = root.get("common") if root is not None and "common" in root else None
+    if common is None or not common.get("bf16", False) or not common.get("tpu", False):
+        return False
+    if importlib.util.find_spec("torch_xla") is not None:
+        return False
+    common.tpu = False
+    return True
 
 
 def encoder_states(encoder_out: Dict) -> Tuple[Tensor, Optional[Tensor]]:
