@@ -53,6 +53,28 @@ def test_bf16_trains_with_meta_updates(tiny_data_bin, tmp_path):
     assert teacher and {v.dtype for v in teacher.values()} == {torch.float32}
 
 
+def test_meta_valid_params_restricts_the_validation_gradient(tiny_data_bin, tmp_path, monkeypatch):
+    """--meta-valid-params: the reverse loop starts from the validation gradient of the matching
+    parameters only (zeros elsewhere), and the teacher learns from that."""
+    from fairseq_reweight.core import reverse
+
+    starts = []
+    loop = reverse.reverse_hypergradient
+
+    def recording(params, momentum, teacher, steps, loss_fn, val_grad, **kwargs):
+        starts.append([float(g.abs().sum()) for g in val_grad])
+        return loop(params, momentum, teacher, steps, loss_fn, val_grad, **kwargs)
+
+    monkeypatch.setattr("fairseq_reweight.nmt.replay.reverse_hypergradient", recording)
+    flags = COMMON + REWEIGHT + ["--reweight-interval", "3", "--max-update", "4"]
+    full = _inner(run_train(tiny_data_bin, str(tmp_path / "all"), flags))
+    assert all(value > 0 for value in starts[-1])
+    part = _inner(run_train(tiny_data_bin, str(tmp_path / "embed"), flags + ["--meta-valid-params", "embed_tokens"]))
+    # encoder.embed_tokens and decoder.embed_tokens (not shared here) out of all parameters
+    assert sum(value > 0 for value in starts[-1]) == 2 and len(starts[-1]) > 10
+    assert full[-1]["teacher_gnorm"] != part[-1]["teacher_gnorm"]
+
+
 def test_reweighted_run_checkpoint_generate_bleu(tiny_data_bin, tmp_path):
     save = tmp_path / "ckpt"
     stats = run_train(tiny_data_bin, str(save), COMMON + REWEIGHT + [
@@ -151,6 +173,8 @@ def _cli(args, cwd):
         (["--meta-valid-subset", "dev"], "--meta-valid-subset dev: no dev.de-en.de"),
         (["--memory-efficient-fp16"], "--memory-efficient-fp16 keeps no fp32 master weights"),
         (["--teacher-lr", "-1"], "--teacher-lr must be > 0"),
+        (["--meta-valid-params", "colour"], "--meta-valid-params 'colour' matches no trainable parameter"),
+        (["--meta-valid-params", "(embed"], "--meta-valid-params '(embed' is not a regular expression"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tiny_data_bin, tmp_path, extra, message):

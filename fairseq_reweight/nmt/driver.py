@@ -86,7 +86,8 @@ class ReweightDriver(nn.Module):
                             self.cfg.meta_valid_loss, update_num, self._shadow) as replay:
             sample = next(self._meta_valid_iter)  # inside: a new epoch draws from torch's global RNG
             self.meta_valid_consumed += 1
-            val_loss, grads = meta_gradient(replay, steps, sample, self.cfg.reweight_history, self.cfg.reweight_hvp)
+            val_loss, grads = meta_gradient(replay, steps, sample, self.cfg.reweight_history, self.cfg.reweight_hvp,
+                                           self.cfg.meta_valid_params)
         self.consecutive_skips = 0 if grads is not None else self.consecutive_skips + 1
         if grads is None:  # keep the teacher as it was; the count is logged with every update from now on
             self.meta_skipped += 1

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import re
 from typing import List, Optional
 
 import torch
@@ -192,12 +193,18 @@ def teacher_hypergradient(replay: Replay, steps: List, val_grad, mode: str, teac
     )
 
 
-def meta_gradient(replay: Replay, steps: List, sample, mode: str, hvp: str = "double-backward"):
+def meta_gradient(replay: Replay, steps: List, sample, mode: str, hvp: str = "double-backward",
+                  valid_params: Optional[str] = None):
     """(validation loss, teacher gradient) of one meta-update, the gradient None where the validation
-    gradient or the hypergradient has non-finite entries (a diverged student: skip the update)."""
+    gradient or the hypergradient has non-finite entries (a diverged student: skip the update).
+    ``valid_params`` (``--meta-valid-params``): keep the validation gradient of the parameters whose
+    names match this regular expression only."""
     val_loss, val_grad = replay.validation_gradient(sample)
     if not (math.isfinite(val_loss) and all_finite(val_grad)):
         return val_loss, None
+    if valid_params:
+        keep = re.compile(valid_params)
+        val_grad = [g if keep.search(name) else torch.zeros_like(g) for name, g in zip(replay.student.names, val_grad)]
     grads = teacher_hypergradient(replay, steps, val_grad, mode, all_reduce=all_reduce_fn(), hvp=hvp).teacher_grad
     return val_loss, grads if all_finite(grads) else None
 

@@ -11,6 +11,7 @@ import glob
 import itertools
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -91,6 +92,13 @@ class ReweightTranslationConfig(TranslationConfig):
         default="criterion",
         metadata={"help": "the loss the teacher minimises on --meta-valid-subset: the training "
                   "criterion's (label-smoothed with --label-smoothing) or the plain token NLL"},
+    )
+    meta_valid_params: Optional[str] = field(
+        default=None,
+        metadata={"help": "a regular expression: the teacher minimises the validation loss's first-order change "
+                  "through the student parameters whose names match it only (the validation gradient is "
+                  "zero elsewhere), e.g. 'embed_tokens' for the (shared) embedding and output matrix; "
+                  "default: all parameters"},
     )
     meta_valid_max_tokens: Optional[int] = field(
         default=None,
@@ -197,7 +205,10 @@ class ReweightTranslationTask(TranslationTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         self._model_cfg = cfg
-        return super().build_model(cfg, from_checkpoint)
+        model = super().build_model(cfg, from_checkpoint)
+        if self.cfg.reweight_teacher in ("deep", "surface") and self.cfg.meta_valid_params:
+            check_param_pattern(self.cfg.meta_valid_params, [n for n, p in model.named_parameters() if p.requires_grad])
+        return model
 
     def get_batch_iterator(self, dataset, epoch=1, **kwargs):
         """fairseq 0.12 orders the examples (ties among equal lengths broken at random) with numpy
@@ -272,6 +283,17 @@ class ReweightTranslationTask(TranslationTask):
             )
         self.driver.observe(logging_output)
         return loss, sample_size, logging_output
+
+
+def check_param_pattern(pattern: str, names) -> None:
+    """``--meta-valid-params``: a valid regular expression that matches some trainable parameter."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as error:
+        raise ReweightConfigError(f"--meta-valid-params {pattern!r} is not a regular expression: {error}") from None
+    if not any(regex.search(name) for name in names):
+        raise ReweightConfigError(f"--meta-valid-params {pattern!r} matches no trainable parameter of the model "
+                                  f"(e.g. {', '.join(names[:3])})")
 
 
 def check_options(cfg: ReweightTranslationConfig) -> None:
