@@ -305,6 +305,8 @@ def test_influence_command_writes_tables_and_the_auc(noisy_bin, tmp_path, capsys
     np.testing.assert_allclose(sum(r.influence for r in by_layer.values()), result["result"].influence,
                                rtol=1e-4, atol=1e-7)
     assert "mean influence by parameter group" in printed
+    total_row = next(line for line in printed.splitlines() if line.startswith("total "))
+    assert float(total_row.split()[-1]) == pytest.approx(result["sentence_auc"], abs=1e-4)  # the groups' AUCs
     assert "validation objective: plain NLL on valid" in printed
     assert "ROC AUC of 'low influence => noisy pair'" in printed and "tokens of noisy pairs" in printed
     noisy = read_noise_sidecar(os.path.join(noisy_bin, "train.noise"))

@@ -44,17 +44,27 @@ def influence_by_group(model, dataset, indices, direction: dict, token_influence
 
 
 def layer_table(by_group: dict, token_noisy: Optional[np.ndarray], mask_id: Optional[int]) -> List[str]:
-    """Mean influence per parameter group on clean-pair tokens, other noisy-pair tokens and <mask> targets."""
+    """Mean influence per parameter group on clean-pair tokens, other noisy-pair tokens and <mask>
+    targets; with noise labels also each group's sentence-level ROC AUC of 'low influence => noisy
+    pair' (what a teacher following only that group's share of the objective could separate, e.g.
+    with ``--meta-valid-params``)."""
+    from fairseq_reweight.cli.influence import sentence_means
+    from fairseq_reweight.core.metrics import roc_auc_low_weight_noisy
+
     first = next(iter(by_group.values()))
     columns = [("all", np.ones(len(first.tokens), dtype=bool))]
     if token_noisy is not None:
         is_mask = first.tokens == mask_id if mask_id is not None else np.zeros(len(first.tokens), dtype=bool)
         columns = [("clean pairs", token_noisy == 0), ("noisy, other", (token_noisy == 1) & ~is_mask),
                    ("noisy, <mask>", (token_noisy == 1) & is_mask)]
+        ids, _, sent_noisy = sentence_means(first.ids, token_noisy.astype(np.float64))
     lines = ["mean influence by parameter group (rows add up to the total):",
-             f"{'group':26s}" + "".join(f"{name:>15s}" for name, _ in columns)]
+             f"{'group':26s}" + "".join(f"{name:>15s}" for name, _ in columns)
+             + (f"{'sentence AUC':>15s}" if token_noisy is not None else "")]
     for label, result in list(by_group.items()) + [("total", None)]:
         values = sum(r.influence for r in by_group.values()) if result is None else result.influence
         cells = "".join(f"{values[select].mean() if select.any() else float('nan'):15.4g}" for _, select in columns)
+        if token_noisy is not None:
+            cells += f"{roc_auc_low_weight_noisy(sentence_means(first.ids, values)[2], sent_noisy > 0):15.4f}"
         lines.append(f"{label:26s}{cells}")
     return lines
