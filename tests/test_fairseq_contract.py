@@ -112,6 +112,22 @@ def test_transformer_outputs_have_the_layout_the_teacher_reads(tiny_data_bin):
     assert contract.decoder_states(net_output).shape == (sample["target"].size(1), bsz, 16)
 
 
+def test_batch_rows_split_a_collated_batch_into_parts_whose_losses_add_up(tiny_data_bin):
+    _, task, model, criterion = _setup(tiny_data_bin)
+    task.load_dataset("valid")
+    sample = next(iter(task.get_batch_iterator(task.dataset("valid"), max_tokens=400).next_epoch_itr(shuffle=False)))
+    model.eval()
+    pad = task.target_dictionary.pad()
+    with torch.no_grad():
+        whole = criterion(model, sample)[0]
+        parts = [contract.batch_rows(sample, torch.arange(r, sample["target"].size(0), 2), pad) for r in (0, 1)]
+        losses = [criterion(model, part)[0] for part in parts]
+    assert sum(p["nsentences"] for p in parts) == sample["nsentences"]
+    assert sum(p["ntokens"] for p in parts) == sample["ntokens"]
+    assert parts[1]["id"].tolist() == sample["id"][1::2].tolist()
+    torch.testing.assert_close(sum(losses), whole, rtol=1e-5, atol=1e-5)
+
+
 def test_encoder_states_refuse_another_layout():
     import pytest
 

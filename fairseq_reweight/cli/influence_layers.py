@@ -57,7 +57,7 @@ def layer_table(by_group: dict, token_noisy: Optional[np.ndarray], mask_id: Opti
         is_mask = first.tokens == mask_id if mask_id is not None else np.zeros(len(first.tokens), dtype=bool)
         columns = [("clean pairs", token_noisy == 0), ("noisy, other", (token_noisy == 1) & ~is_mask),
                    ("noisy, <mask>", (token_noisy == 1) & is_mask)]
-        ids, _, sent_noisy = sentence_means(first.ids, token_noisy.astype(np.float64))
+        sent_noisy = sentence_means(first.ids, token_noisy.astype(np.float64))[2]
     lines = ["mean influence by parameter group (rows add up to the total):",
              f"{'group':26s}" + "".join(f"{name:>15s}" for name, _ in columns)
              + (f"{'sentence AUC':>15s}" if token_noisy is not None else "")]
