@@ -18,7 +18,10 @@ Every configuration is timed on the same updates: after max(K)+1 warm-up updates
 ``--periods`` x lcm(K) updates (whole periods of every K; at least 20), so the meta-updates are
 amortised exactly and batch sizes do not differ between configurations. Peak memory is
 ``torch.cuda.max_memory_allocated`` on a GPU and the peak resident set size sampled every
-millisecond on the CPU. Prints a table of ratios to ``plain``. ``--repeats N`` measures every
+millisecond on the CPU, over the RSS before the configuration's model was built (what training
+adds: model, optimizer, activations, replay), each configuration in a forked child process: a
+process's RSS does not shrink when PyTorch frees memory, so in one process every configuration
+would inherit the peak of those before it. Prints a table of ratios to ``plain``. ``--repeats N`` measures every
 configuration N times, round-robin, and prints each ratio's median over the repeats (each repeat's
 ratio to that repeat's plain run) with its range: on a small shared CPU machine single ratios vary
 by about +-0.1 between runs.
@@ -30,6 +33,7 @@ import argparse
 import copy
 import logging
 import math
+import multiprocessing
 import os
 import shlex
 import statistics
@@ -102,6 +106,7 @@ def build(data, flags):
 
 
 def measure(name, data, flags, init_state, batches, warmup, timed):
+    start_rss = PeakRSS.rss()
     trainer, _, _ = build(data, flags)
     trainer.model.load_state_dict(init_state)
     cuda = torch.cuda.is_available() and "--cpu" not in flags
@@ -117,9 +122,24 @@ def measure(name, data, flags, init_state, batches, warmup, timed):
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if cuda else rss.peak
+    peak = torch.cuda.max_memory_allocated() if cuda else rss.peak - start_rss
     del trainer
     return {"name": name, "ms": 1000 * elapsed / timed, "peak": peak}
+
+
+def measure_in_child(*args):
+    """:func:`measure` in a forked process (CPU): its peak RSS starts from this process's memory,
+    the same for every configuration, and none of them inherits another's."""
+    receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
+
+    def child():
+        send.send(measure(*args))
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    result = receive.recv()
+    process.join()
+    return result
 
 
 def main():
@@ -185,14 +205,15 @@ def main():
     if adam_configs:
         tables.append([("plain fairseq Adam", plain_adam)] + [(name, flags) for name, _, flags in adam_configs])
     runs = [[[] for _ in table] for table in tables]
+    run = measure if device != "CPU" else measure_in_child
     for repeat in range(args.repeats):
         for table, table_runs in zip(tables, runs):
             for (name, flags), config_runs in zip(table, table_runs):
-                config_runs.append(measure(name, args.data, flags, init_state, batches, warmup, timed))
+                config_runs.append(run(name, args.data, flags, init_state, batches, warmup, timed))
     for table, table_runs in zip(tables, runs):
         print_table(table, table_runs)
     print(f"\n(history mode: {args.history}, Adam: checkpoint; peak memory: "
-          f"{'torch.cuda.max_memory_allocated' if device != 'CPU' else 'process RSS'})")
+          f"{'torch.cuda.max_memory_allocated' if device != 'CPU' else 'peak RSS over the RSS before the model was built'})")
 
 
 def print_table(table, runs):

@@ -24,8 +24,8 @@ from omegaconf import II
 from fairseq_reweight.core import math_attention
 from fairseq_reweight.core.checks import check_schedule
 from fairseq_reweight.core.errors import ReweightConfigError, install_excepthook
-from fairseq_reweight.nmt.fairseq_contract import bf16_without_tpu
 from fairseq_reweight.nmt.driver import ReweightDriver
+from fairseq_reweight.nmt.fairseq_contract import bf16_without_tpu
 from fairseq_reweight.nmt.optimizer import check_teacher_optimizer
 from fairseq_reweight.nmt.weigher import ALL_FEATURES, TokenWeigher, parse_features
 
@@ -154,8 +154,8 @@ class ReweightTranslationTask(TranslationTask):
         if cfg.reweight_teacher != "none":
             check_options(cfg)
         if bf16_without_tpu(cfg):
-            logger.info("--bf16 without torch_xla: cleared the --tpu that fairseq 0.12 sets for --bf16 "
-                        "(bf16 on the GPU; the replay runs in fp32)")
+            logger.info("--bf16 without torch_xla (not a TPU run): cleared the --tpu that fairseq 0.12 sets "
+                        "for --bf16; the student trains in bf16, the replay and the teacher in fp32")
         return super().setup_task(cfg, **kwargs)
 
     def __init__(self, cfg, src_dict, tgt_dict):
