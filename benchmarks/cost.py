@@ -19,9 +19,9 @@ Every configuration is timed on the same updates: after max(K)+1 warm-up updates
 amortised exactly and batch sizes do not differ between configurations. Peak memory is
 ``torch.cuda.max_memory_allocated`` on a GPU and the peak resident set size sampled every
 millisecond on the CPU, over the RSS before the configuration's model was built (what training
-adds: model, optimizer, activations, replay), each configuration in a forked child process: a
-process's RSS does not shrink when PyTorch frees memory, so in one process every configuration
-would inherit the peak of those before it. Prints a table of ratios to ``plain``. ``--repeats N`` measures every
+adds: model, optimizer, activations, replay), each configuration in a new process: a process's
+RSS does not shrink when PyTorch frees memory, so in one process every configuration would
+inherit the peak of those before it. Prints a table of ratios to ``plain``. ``--repeats N`` measures every
 configuration N times, round-robin, and prints each ratio's median over the repeats (each repeat's
 ratio to that repeat's plain run) with its range: on a small shared CPU machine single ratios vary
 by about +-0.1 between runs.
@@ -127,15 +127,20 @@ def measure(name, data, flags, init_state, batches, warmup, timed):
     return {"name": name, "ms": 1000 * elapsed / timed, "peak": peak}
 
 
+def _measure_and_send(send, args):
+    logging.disable(logging.WARNING)
+    import fairseq.trainer  # noqa: F401  (imported before the RSS baseline, as in the parent)
+    import fairseq_reweight  # noqa: F401
+
+    send.send(measure(*args))
+
+
 def measure_in_child(*args):
-    """:func:`measure` in a forked process (CPU): its peak RSS starts from this process's memory,
-    the same for every configuration, and none of them inherits another's."""
-    receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
-
-    def child():
-        send.send(measure(*args))
-
-    process = multiprocessing.get_context("fork").Process(target=child)
+    """:func:`measure` in a new process (CPU; spawned, as forking after OpenMP has started
+    threads can hang): none of the configurations inherits another's peak RSS."""
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_measure_and_send, args=(send, args))
     process.start()
     result = receive.recv()
     process.join()
