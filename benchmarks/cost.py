@@ -151,7 +151,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data")
     parser.add_argument("--preset", choices=["cpu-small"], help="small model and batches for the CPU")
-    parser.add_argument("--sweep", default="20:2,20:1,20:5,10:2,50:2",
+    parser.add_argument("--sweep", default="20:2,20:5,50:5",
                         help="K:B pairs to measure besides plain and lookahead")
     parser.add_argument("--dual-sweep", default="20:2,20:5",
                         help="K:B pairs to measure also with --reweight-hvp forward-over-reverse ('' for none)")
