@@ -2,7 +2,7 @@
 """Time per update and peak memory of reweighted fine-tuning against plain fairseq momentum SGD.
 
 Every configuration trains the same model from the same initial parameters on the same batches with
-fairseq's own Trainer, in one process:
+fairseq's own Trainer, in one run:
 
 - ``plain``: ``--task translation --criterion label_smoothed_cross_entropy --optimizer sgd`` (fairseq);
 - ``K=20,B=2``: this method with the paper's schedule, and a sweep over K and B;
@@ -21,10 +21,10 @@ amortised exactly and batch sizes do not differ between configurations. Peak mem
 millisecond on the CPU, over the RSS before the configuration's model was built (what training
 adds: model, optimizer, activations, replay), each configuration in a new process: a process's
 RSS does not shrink when PyTorch frees memory, so in one process every configuration would
-inherit the peak of those before it. Prints a table of ratios to ``plain``. ``--repeats N`` measures every
-configuration N times, round-robin, and prints each ratio's median over the repeats (each repeat's
-ratio to that repeat's plain run) with its range: on a small shared CPU machine single ratios vary
-by about +-0.1 between runs.
+inherit the peak of those before it. Prints a table of ratios to ``plain``. ``--repeats N``
+measures every configuration N times, round-robin, and prints each ratio's median over the
+repeats (each repeat's ratio to that repeat's plain run) with its range: on a small shared CPU
+machine single ratios vary by about +-0.1 between runs.
 
     python benchmarks/cost.py DATA_BIN --arch transformer_iwslt_de_en --max-tokens 4096   # GPU
     python benchmarks/cost.py DATA_BIN --preset cpu-small --repeats 3                      # CPU
@@ -211,7 +211,7 @@ def main():
         tables.append([("plain fairseq Adam", plain_adam)] + [(name, flags) for name, _, flags in adam_configs])
     runs = [[[] for _ in table] for table in tables]
     run = measure if device != "CPU" else measure_in_child
-    for repeat in range(args.repeats):
+    for _ in range(args.repeats):
         for table, table_runs in zip(tables, runs):
             for (name, flags), config_runs in zip(table, table_runs):
                 config_runs.append(run(name, args.data, flags, init_state, batches, warmup, timed))
