@@ -188,4 +188,3 @@ def test_meta_validation_is_split_across_ranks(tiny_data_bin, tmp_path):
         assert result["loss"] == pytest.approx(one["loss"], rel=1e-6)
         for a, b in zip(result["grads"], one["grads"]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-

@@ -185,7 +185,7 @@ def test_bad_input_gives_one_clear_line(tiny_data_bin, tmp_path, extra, message)
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
-    assert "task: ReweightTranslationTask" not in result.stdout  # refused at set-up, before the model is built
+    assert "task: ReweightTranslationTask" not in result.stdout  # refused before fairseq logs the task (set-up)
 
 
 def test_missing_data_directory(tmp_path):
