@@ -141,9 +141,9 @@ class Replay:
         else:  # fewer sentences than ranks
             loss, grads = leaves[0].new_zeros(1), [None] * len(leaves)
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
-        if data_parallel():
-            for tensor in [loss] + grads:
-                dist.all_reduce(tensor)
+        all_reduce = all_reduce_fn()
+        if all_reduce is not None:
+            all_reduce([loss] + grads)
         return loss.item(), grads
 
     def loss_fn(self, step, params):
