@@ -17,7 +17,8 @@ ARGS = TINY_TRANSFORMER + [
     "extra",
     [["--reweight-history", "reverse"], ["--reweight-history", "checkpoint"], ["--attention-dropout", "0.1"],
      ["--share-all-embeddings"], ["--reweight-features-grad"],
-     ["--meta-valid-loss", "nll"], ["--reweight-hvp", "forward-over-reverse", "--attention-dropout", "0.1"]],
+     ["--meta-valid-loss", "nll", "--reweight-eos", "sentence"],
+     ["--reweight-hvp", "forward-over-reverse", "--attention-dropout", "0.1"]],
 )
 def test_gradcheck_agrees_with_unrolled_autograd(tiny_data_bin, capsys, extra):
     cli_main([tiny_data_bin] + ARGS + extra)

@@ -62,6 +62,27 @@ def test_sentence_granularity_gives_every_token_its_sentence_mean():
         assert torch.allclose(values, values[0].expand_as(values))
 
 
+
+def test_eos_as_sentence_gives_eos_the_mean_of_its_sentence_words_and_leaves_them_alone():
+    EOS = 2
+    sample, encoder_out, lprobs = _batch()
+    target = sample["target"]
+    target[0, 1], target[1, -1], target[2, -1] = EOS, EOS, EOS  # </s> before the padding, or last
+    target[2, :-1] = EOS  # a sentence of </s> only keeps the teacher's own weight
+    torch.manual_seed(0)
+    plain, weigher = _weigher(), _weigher(eos=EOS)
+    with torch.no_grad():
+        plain.teacher.label_embed.weight.normal_()
+    weigher.load_state_dict(plain.state_dict())
+    _, raw_plain = plain(sample, encoder_out, None, lprobs, TrainingState())
+    w, raw = weigher(sample, encoder_out, None, lprobs, TrainingState())
+    words = target.ne(PAD) & target.ne(EOS)
+    assert torch.equal(raw[words], raw_plain[words])
+    for row in (0, 1):
+        assert raw[row][target[row].eq(EOS)].item() == pytest.approx(raw_plain[row][words[row]].mean().item())
+    assert torch.equal(raw[2], raw_plain[2])
+    assert w[target.ne(PAD)].mean().item() == pytest.approx(1.0)
+
 def test_surface_loss_feature_is_the_token_nll_and_the_running_loss():
     sample, encoder_out, lprobs = _batch()
     weigher = _weigher(features=["loss", "progress"])

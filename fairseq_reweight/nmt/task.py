@@ -62,6 +62,10 @@ class ReweightTranslationConfig(TranslationConfig):
     reweight_granularity: ChoiceEnum(["token", "sentence"]) = field(
         default="token", metadata={"help": "one weight per target token, or per sentence"}
     )
+    reweight_eos: ChoiceEnum(["token", "sentence"]) = field(
+        default="token", metadata={"help": "token: the teacher weighs </s> as any target token (the paper); "
+                                           "sentence: </s> gets the mean weight of its sentence's other tokens"}
+    )
     reweight_interval: int = field(
         default=20, metadata={"help": "K: student updates between teacher updates"}
     )
@@ -181,6 +185,7 @@ class ReweightTranslationTask(TranslationTask):
             len(self.tgt_dict), model_cfg.encoder_embed_dim, model_cfg.decoder_embed_dim,
             self.cfg.teacher_hidden_layers, self.cfg.teacher_hidden_dim, self.cfg.reweight_granularity,
             self.cfg.reweight_features_grad,
+            eos=self.tgt_dict.eos() if self.cfg.reweight_eos == "sentence" else None,
         )
         monitor = None
         if self.cfg.reweight_noise_sidecar:

@@ -47,12 +47,15 @@ class TokenWeigher(nn.Module):
         hidden_layers, hidden_dim: the teacher's shape (0: the paper's linear teacher).
         granularity: ``token`` or ``sentence`` (every token gets its sentence's mean raw weight).
         features_grad: let the weights depend on the student through its states.
+        eos: the end-of-sentence index when ``</s>`` is to get the mean raw weight of its
+            sentence's other tokens (``--reweight-eos sentence``); None: the teacher weighs it.
     """
 
     def __init__(self, features: List[str], pad: int, vocab_size: int, encoder_dim: int, decoder_dim: int,
-                 hidden_layers: int = 0, hidden_dim: int = 64, granularity: str = "token", features_grad: bool = False):
+                 hidden_layers: int = 0, hidden_dim: int = 64, granularity: str = "token", features_grad: bool = False,
+                 eos: Optional[int] = None):
         super().__init__()
-        self.features, self.pad = list(features), pad
+        self.features, self.pad, self.eos = list(features), pad, eos
         self.granularity, self.features_grad = granularity, features_grad
         self.columns = [col for name in self.features for col in SURFACE_FEATURES.get(name, ())]
         dense_dim = len(self.columns) + encoder_dim * ("encoder" in features) + decoder_dim * ("decoder" in features)
@@ -81,6 +84,14 @@ class TokenWeigher(nn.Module):
         mask_f = mask.to(raw.dtype)
         if self.granularity == "sentence":
             raw = ((raw * mask_f).sum(1, keepdim=True) / mask_f.sum(1, keepdim=True).clamp_min(1)).expand_as(raw)
+        elif self.eos is not None:
+            # A token teacher that down-weights a pair's words tends to down-weight its </s> too,
+            # and a student that learns less where to stop writes longer hypotheses.
+            is_eos = target.eq(self.eos)
+            words = (mask & ~is_eos).to(raw.dtype)
+            n_words = words.sum(1, keepdim=True)
+            mean = (raw * words).sum(1, keepdim=True) / n_words.clamp_min(1)
+            raw = torch.where(is_eos & n_words.gt(0), mean.expand_as(raw), raw)
         return normalize_weights(raw, mask), raw * mask_f
 
     def dense_features(self, encoder_out, net_output, lprobs, target, state: TrainingState) -> Optional[Tensor]:
