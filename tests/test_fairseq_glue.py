@@ -32,6 +32,20 @@ def test_uniform_weights_reproduce_fairseq_bit_for_bit(tiny_data_bin, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+
+def test_chunked_micro_batches_train_as_whole_ones(tiny_data_bin, tmp_path):
+    """--reweight-chunks 3 trains each micro-batch as three chunks of its sentences: without dropout
+    (whose masks the chunks draw differently) the same updates as whole micro-batches."""
+    flags = COMMON + REWEIGHT + ["--reweight-teacher", "none", "--dropout", "0"]
+    whole = run_train(tiny_data_bin, str(tmp_path / "whole"), flags)
+    chunked = run_train(tiny_data_bin, str(tmp_path / "chunked"), flags + ["--reweight-chunks", "3"])
+    assert _train_losses(chunked) == _train_losses(whole) and len(_train_losses(whole)) == 6
+    assert [s["bsz"] for s in _inner(chunked)] == [s["bsz"] for s in _inner(whole)]
+    a = torch.load(tmp_path / "whole" / "checkpoint_last.pt")["model"]
+    b = torch.load(tmp_path / "chunked" / "checkpoint_last.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
 def test_teacher_at_init_matches_uniform_loss(tiny_data_bin, tmp_path):
     """The zero-initialised teacher gives weight 0.5 everywhere, i.e. uniform after normalisation:
     the first update's loss equals the baseline's (the teacher changes only at the first meta-update)."""
@@ -173,6 +187,7 @@ def _cli(args, cwd):
         (["--meta-valid-subset", "dev"], "--meta-valid-subset dev: no dev.de-en.de"),
         (["--memory-efficient-fp16"], "--memory-efficient-fp16 keeps no fp32 master weights"),
         (["--teacher-lr", "-1"], "--teacher-lr must be > 0"),
+        (["--reweight-chunks", "0"], "--reweight-chunks must be >= 1"),
         (["--meta-valid-params", "colour"], "--meta-valid-params 'colour' matches no trainable parameter"),
         (["--meta-valid-params", "(embed"], "--meta-valid-params '(embed' is not a regular expression"),
     ],

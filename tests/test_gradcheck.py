@@ -16,7 +16,7 @@ ARGS = TINY_TRANSFORMER + [
 @pytest.mark.parametrize(
     "extra",
     [["--reweight-history", "reverse"], ["--reweight-history", "checkpoint"], ["--attention-dropout", "0.1"],
-     ["--share-all-embeddings"], ["--reweight-features-grad"],
+     ["--share-all-embeddings", "--reweight-chunks", "2"], ["--reweight-features-grad"],
      ["--meta-valid-loss", "nll", "--reweight-eos", "sentence"],
      ["--reweight-hvp", "forward-over-reverse", "--attention-dropout", "0.1"]],
 )

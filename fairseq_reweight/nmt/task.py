@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
 from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
 from fairseq.tasks import register_task
@@ -25,7 +26,7 @@ from fairseq_reweight.core import math_attention
 from fairseq_reweight.core.checks import check_schedule
 from fairseq_reweight.core.errors import ReweightConfigError, install_excepthook
 from fairseq_reweight.nmt.driver import ReweightDriver
-from fairseq_reweight.nmt.fairseq_contract import bf16_without_tpu
+from fairseq_reweight.nmt.fairseq_contract import batch_rows, bf16_without_tpu
 from fairseq_reweight.nmt.optimizer import check_teacher_optimizer
 from fairseq_reweight.nmt.weigher import ALL_FEATURES, TokenWeigher, parse_features
 
@@ -65,6 +66,11 @@ class ReweightTranslationConfig(TranslationConfig):
     reweight_eos: ChoiceEnum(["token", "sentence"]) = field(
         default="token", metadata={"help": "token: the teacher weighs </s> as any target token (the paper); "
                                            "sentence: </s> gets the mean weight of its sentence's other tokens"}
+    )
+    reweight_chunks: int = field(
+        default=1, metadata={"help": "train (and replay) every micro-batch as this many consecutive chunks of its "
+                                     "sentences: the meta-update's peak memory is that of one chunk; the teacher's "
+                                     "weights are normalised per chunk"}
     )
     reweight_interval: int = field(
         default=20, metadata={"help": "K: student updates between teacher updates"}
@@ -279,6 +285,31 @@ class ReweightTranslationTask(TranslationTask):
         if self.oracle is not None:
             for key, value in self.oracle.noise_stats.items():  # as a teacher's, in every log line
                 metrics.log_scalar(key, value, weight=0, round=4)
+        chunks = self._chunks(sample, ignore_grad)
+        if len(chunks) == 1:
+            return self._train_micro_batch(sample, model, criterion, optimizer, update_num, ignore_grad)
+        # The replay can only be as fine as the training step: a chunk's dropout masks are drawn in
+        # its own forward, so the chunks are trained as they will be replayed, one after the other.
+        total_loss, total_size, merged = 0.0, 0, {}
+        for index, chunk in enumerate(chunks):
+            sync = index == len(chunks) - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                loss, size, logging_output = self._train_micro_batch(chunk, model, criterion, optimizer, update_num,
+                                                                     ignore_grad)
+            total_loss, total_size = total_loss + loss.detach(), total_size + size
+            for key, value in logging_output.items():
+                merged[key] = merged.get(key, 0) + value
+        return total_loss, total_size, merged
+
+    def _chunks(self, sample, ignore_grad):
+        """``--reweight-chunks`` consecutive row chunks of a micro-batch (a dummy batch stays whole)."""
+        rows = sample["target"].size(0) if sample and "target" in sample else 0
+        parts = min(self.cfg.reweight_chunks, rows)
+        if parts <= 1 or ignore_grad:
+            return [sample]
+        return [batch_rows(sample, index, self.tgt_dict.pad()) for index in torch.arange(rows).tensor_split(parts)]
+
+    def _train_micro_batch(self, sample, model, criterion, optimizer, update_num, ignore_grad):
         if self.driver is None:
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
         self.driver.on_micro_batch(model, criterion, optimizer, update_num, sample, ignore_grad)
@@ -288,7 +319,6 @@ class ReweightTranslationTask(TranslationTask):
             )
         self.driver.observe(logging_output)
         return loss, sample_size, logging_output
-
 
 def check_param_pattern(pattern: str, names) -> None:
     """``--meta-valid-params``: a valid regular expression that matches some trainable parameter."""
@@ -303,6 +333,8 @@ def check_param_pattern(pattern: str, names) -> None:
 
 def check_options(cfg: ReweightTranslationConfig) -> None:
     """The teacher's options, checked when fairseq sets up the task (before any data is read)."""
+    if cfg.reweight_chunks < 1:
+        raise ReweightConfigError(f"--reweight-chunks must be >= 1, got {cfg.reweight_chunks}")
     if cfg.reweight_teacher == "oracle":
         if not cfg.reweight_noise_sidecar:
             raise ReweightConfigError("--reweight-teacher oracle needs --reweight-noise-sidecar (the train.noise file "
