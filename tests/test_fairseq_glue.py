@@ -144,12 +144,13 @@ def test_meta_valid_batches_default_to_the_validation_batch_size(tiny_data_bin, 
     assert 0 < batch["ntokens"] and batch["net_input"]["src_tokens"].numel() <= max_tokens
 
 
-def test_meta_valid_loss_is_the_criterion_or_the_plain_nll(tiny_data_bin):
+def test_meta_valid_loss_is_the_criterion_the_plain_nll_or_its_sentence_mean(tiny_data_bin):
     from types import SimpleNamespace
 
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
+    from fairseq_reweight.nmt.fairseq_contract import batch_rows
     from fairseq_reweight.nmt.replay import Replay
 
     args = options.parse_args_and_arch(options.get_training_parser(), [tiny_data_bin] + COMMON + REWEIGHT)
@@ -167,6 +168,19 @@ def test_meta_valid_loss_is_the_criterion_or_the_plain_nll(tiny_data_bin):
         value = Replay(student, criterion, {}, 1, valid_loss=kind).validation_loss(sample, params)
         assert float(value) == pytest.approx(float(logged[key]) / sample["ntokens"], rel=1e-6)
     assert float(logged["loss"]) > float(logged["nll_loss"])  # label smoothing is on
+    dataset = task.dataset("valid")
+    lengths = {int(dataset.tgt_sizes[i]): i for i in range(len(dataset))}
+    mixed = dataset.collater([dataset[i] for i in list(lengths.values())[:4]])  # four target lengths
+    assert len(lengths) >= 4
+    per_sentence = []
+    for row in range(mixed["target"].size(0)):
+        one = batch_rows(mixed, torch.tensor([row]), criterion.padding_idx)
+        with torch.no_grad():
+            per_sentence.append(float(criterion(model, one)[2]["nll_loss"]) / one["ntokens"])
+    sentence_mean = Replay(student, criterion, {}, 1, valid_loss="sentence-nll").validation_loss(mixed, params)
+    token_mean = Replay(student, criterion, {}, 1, valid_loss="nll").validation_loss(mixed, params)
+    assert float(sentence_mean) == pytest.approx(sum(per_sentence) / len(per_sentence), rel=1e-5)
+    assert float(sentence_mean) != pytest.approx(float(token_mean), rel=1e-3)
 
 
 def _cli(args, cwd):

@@ -99,7 +99,7 @@ class Replay:
         self.student, self.criterion, self.seed = student, criterion, seed
         self.omega_by_name = omega
         self.omega = list(omega.values())
-        self.valid_loss = valid_loss  # "criterion" (e.g. label-smoothed) or "nll"
+        self.valid_loss = valid_loss  # --meta-valid-loss: "criterion" (e.g. label-smoothed), "nll", "sentence-nll"
 
     def _loss(self, sample, params):
         """``criterion(model, sample)``'s loss with the student at ``params``, the teacher at omega."""
@@ -108,20 +108,34 @@ class Replay:
             return self.criterion(model, sample, teacher_params=self.omega_by_name)[0]
 
     def validation_loss(self, sample, params, size: Optional[float] = None):
-        """Token-averaged validation loss at ``params`` (eval mode: no dropout): the criterion's
-        (label-smoothed with --label-smoothing) or, with ``valid_loss="nll"``, the plain NLL;
-        divided by ``size`` if given (a share of a batch), else by the sample's size."""
+        """The validation loss at ``params`` (eval mode: no dropout), by ``valid_loss``: the
+        criterion's (label-smoothed with --label-smoothing) or the plain NLL, averaged over tokens;
+        or ``sentence-nll``, each sentence's mean token NLL averaged over sentences. Divided by
+        ``size`` if given (a share of a batch), else by the sample's tokens or sentences."""
         if self.student.device.type == "cuda":
             sample = utils.move_to_cuda(sample, device=self.student.device)
         model = self.student.replay_model
         model.eval()
+        size = self.validation_size(sample) if size is None else size
         if self.valid_loss == "criterion":
-            loss = self._loss(sample, params)
-        else:
-            with substitute_parameters(model, self.student.param_dict(params)):
-                net_output = model(**sample["net_input"])
-                loss = contract.unwrap_model(self.criterion).compute_loss(model, net_output, sample, reduce=True)[1]
-        return loss / (float(sample_size(sample, self.criterion)) if size is None else size)
+            return self._loss(sample, params) / size
+        criterion = contract.unwrap_model(self.criterion)
+        with substitute_parameters(model, self.student.param_dict(params)):
+            net_output = model(**sample["net_input"])
+            if self.valid_loss == "nll":
+                return criterion.compute_loss(model, net_output, sample, reduce=True)[1] / size
+            lprobs = model.get_normalized_probs(net_output, log_probs=True)
+        target = sample["target"]
+        mask = target.ne(criterion.padding_idx)
+        nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
+        return (nll.sum(1) / mask.sum(1).clamp_min(1)).sum() / size
+
+    def validation_size(self, sample) -> float:
+        """What the validation loss is averaged over: sentences (``sentence-nll``), else the
+        criterion's sample size."""
+        if self.valid_loss == "sentence-nll":
+            return float(sample["target"].size(0))
+        return float(sample_size(sample, self.criterion))
 
     def validation_gradient(self, sample):
         """(validation loss, its gradient) at the student's current parameters theta_K.
@@ -130,7 +144,7 @@ class Replay:
         of the sentences (rows rank, rank + N, ...) divided by the whole batch's size, and the
         all-reduced sums are the whole batch's loss and gradient, at 1/N of the work per rank."""
         leaves = [t.detach().requires_grad_() for t in self.student.theta()]
-        size = float(sample_size(sample, self.criterion))
+        size = self.validation_size(sample)
         if data_parallel():
             rows = torch.arange(dist.get_rank(), sample["target"].size(0), dist.get_world_size())
             sample = contract.batch_rows(sample, rows, contract.unwrap_model(self.criterion).padding_idx)

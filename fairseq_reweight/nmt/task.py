@@ -98,10 +98,12 @@ class ReweightTranslationConfig(TranslationConfig):
     meta_valid_subset: str = field(
         default="valid", metadata={"help": "data split whose loss the teacher minimises"}
     )
-    meta_valid_loss: ChoiceEnum(["criterion", "nll"]) = field(
+    meta_valid_loss: ChoiceEnum(["criterion", "nll", "sentence-nll"]) = field(
         default="criterion",
         metadata={"help": "the loss the teacher minimises on --meta-valid-subset: the training "
-                  "criterion's (label-smoothed with --label-smoothing) or the plain token NLL"},
+                  "criterion's (label-smoothed with --label-smoothing) or the plain NLL, averaged over tokens; "
+                  "sentence-nll: each sentence's mean token NLL averaged over sentences (short sentences "
+                  "count as much as long ones)"},
     )
     meta_valid_params: Optional[str] = field(
         default=None,
