@@ -11,6 +11,8 @@ fairseq's own Trainer, in one run:
 - ``K=20,B=2 fwd-rev``: the ``--dual-sweep`` pairs with ``--reweight-hvp forward-over-reverse``
   (each replayed step's Hessian-vector products from a backward pass at dual numbers instead of a
   double backward);
+- ``K=20,B=5 C=2``: the ``--chunk-sweep`` triples with ``--reweight-chunks C`` (every micro-batch
+  trained and replayed as C chunks of its sentences: the meta-update's peak memory is one chunk's);
 - the Adam column: plain fairseq ``--optimizer adam`` against ``--optimizer reweight_adam``
   (``--reweight-history checkpoint``) at ``--adam-sweep`` (default K=20, B=2), as ratios to plain Adam.
 
@@ -155,6 +157,8 @@ def main():
                         help="K:B pairs to measure besides plain and lookahead")
     parser.add_argument("--dual-sweep", default="20:2,20:5",
                         help="K:B pairs to measure also with --reweight-hvp forward-over-reverse ('' for none)")
+    parser.add_argument("--chunk-sweep", default="20:5:2",
+                        help="K:B:C triples to measure with --reweight-chunks C ('' for none)")
     parser.add_argument("--history", default="reverse", choices=["reverse", "checkpoint"])
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure every configuration this many times and print medians and ranges")
@@ -179,6 +183,9 @@ def main():
     configs += [(f"K={k},B={b} fwd-rev", int(k), ours + ["--reweight-interval", k, "--reweight-backprop-steps", b,
                                                           "--reweight-hvp", "forward-over-reverse"])
                 for k, b in (pair.split(":") for pair in args.dual_sweep.split(",") if pair)]
+    configs += [(f"K={k},B={b} C={c}", int(k), ours + ["--reweight-interval", k, "--reweight-backprop-steps", b,
+                                                       "--reweight-chunks", c])
+                for k, b, c in (triple.split(":") for triple in args.chunk_sweep.split(",") if triple)]
     configs.append(("lookahead K=1,B=1", 1, ours + ["--reweight-interval", "1", "--reweight-backprop-steps", "1"]))
     plain_adam, ours_adam = training_flags(model_flags, "adam")
     ours_adam += ["--reweight-history", "checkpoint"] + shlex.split(args.reweight_args)
