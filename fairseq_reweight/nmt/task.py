@@ -163,6 +163,8 @@ class ReweightTranslationTask(TranslationTask):
                     f"data directory {path!r} not found: give a fairseq-preprocess output directory "
                     "(see data_prep/README.md)"
                 )
+        if cfg.reweight_chunks < 1:
+            raise ReweightConfigError(f"--reweight-chunks must be >= 1, got {cfg.reweight_chunks}")
         if cfg.reweight_teacher != "none":
             check_options(cfg)
         if bf16_without_tpu(cfg):
@@ -322,6 +324,7 @@ class ReweightTranslationTask(TranslationTask):
         self.driver.observe(logging_output)
         return loss, sample_size, logging_output
 
+
 def check_param_pattern(pattern: str, names) -> None:
     """``--meta-valid-params``: a valid regular expression that matches some trainable parameter."""
     try:
@@ -335,8 +338,6 @@ def check_param_pattern(pattern: str, names) -> None:
 
 def check_options(cfg: ReweightTranslationConfig) -> None:
     """The teacher's options, checked when fairseq sets up the task (before any data is read)."""
-    if cfg.reweight_chunks < 1:
-        raise ReweightConfigError(f"--reweight-chunks must be >= 1, got {cfg.reweight_chunks}")
     if cfg.reweight_teacher == "oracle":
         if not cfg.reweight_noise_sidecar:
             raise ReweightConfigError("--reweight-teacher oracle needs --reweight-noise-sidecar (the train.noise file "
