@@ -144,6 +144,17 @@ def test_meta_valid_batches_default_to_the_validation_batch_size(tiny_data_bin, 
     assert 0 < batch["ntokens"] and batch["net_input"]["src_tokens"].numel() <= max_tokens
 
 
+
+@pytest.mark.parametrize("given, lr", [([], 0.03), (["--teacher-lr", "0.01"], 0.01)])
+def test_preset_fills_in_the_options_left_at_their_defaults(tiny_data_bin, given, lr):
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    args = options.parse_args_and_arch(options.get_training_parser(),
+                                       [tiny_data_bin] + COMMON + REWEIGHT + ["--reweight-preset", "robust"] + given)
+    task = tasks.setup_task(convert_namespace_to_omegaconf(args).task)
+    assert (task.cfg.teacher_features, task.cfg.teacher_lr) == ("label", lr)
+
 def test_meta_valid_loss_is_the_criterion_the_plain_nll_or_its_sentence_mean(tiny_data_bin):
     from types import SimpleNamespace
 

@@ -7,6 +7,7 @@ baseline: bit-identical to ``--task translation --criterion label_smoothed_cross
 --optimizer sgd``.
 """
 import contextlib
+import dataclasses
 import glob
 import itertools
 import logging
@@ -44,6 +45,12 @@ class ReweightTranslationConfig(TranslationConfig):
             "oracle: weight 0 for every token of a pair --reweight-noise-sidecar marks noisy, 1 "
             "otherwise (the bound of down-weighting the noise; no meta-updates)"
         },
+    )
+    reweight_preset: ChoiceEnum(["none", "robust"]) = field(
+        default="none",
+        metadata={"help": "robust: the configuration measured best on masked noise (examples/iwslt14/README.md): "
+                  "--teacher-features label --teacher-lr 0.03; a preset fills in the options left at their "
+                  "defaults (none: the paper's configuration)"},
     )
     teacher_features: str = field(
         default="",
@@ -163,6 +170,7 @@ class ReweightTranslationTask(TranslationTask):
                     f"data directory {path!r} not found: give a fairseq-preprocess output directory "
                     "(see data_prep/README.md)"
                 )
+        apply_preset(cfg)
         if cfg.reweight_chunks < 1:
             raise ReweightConfigError(f"--reweight-chunks must be >= 1, got {cfg.reweight_chunks}")
         if cfg.reweight_teacher != "none":
@@ -323,6 +331,23 @@ class ReweightTranslationTask(TranslationTask):
             )
         self.driver.observe(logging_output)
         return loss, sample_size, logging_output
+
+
+PRESETS = {"robust": {"teacher_features": "label", "teacher_lr": 0.03}}
+
+
+def apply_preset(cfg) -> None:
+    """``--reweight-preset``: its values for the options still at their defaults (logged)."""
+    if cfg.reweight_preset == "none":
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(ReweightTranslationConfig)}
+    filled = {}
+    for name, value in PRESETS[cfg.reweight_preset].items():
+        if cfg[name] == defaults[name]:
+            cfg[name] = filled[name] = value
+    given = sorted(set(PRESETS[cfg.reweight_preset]) - set(filled))
+    logger.info(f"--reweight-preset {cfg.reweight_preset}: " + ", ".join(f"{k}={v}" for k, v in filled.items())
+                + (f" (given: {', '.join(given)})" if given else ""))
 
 
 def check_param_pattern(pattern: str, names) -> None:
