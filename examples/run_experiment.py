@@ -7,7 +7,8 @@ For each data condition (a fairseq data-bin made by data_prep/, e.g. ``clean`` a
   2. from its best checkpoint, fine-tune with momentum SGD (lr 1e-3, momentum 0.9) for the same
      number of updates, one run per method and seed: ``baseline`` (--reweight-teacher none),
      ``oracle`` (noisy pairs weighted 0 from the data-bin's train.noise: the bound of
-     down-weighting the noise; skipped where there is no sidecar), ``surface``, ``deep`` and every
+     down-weighting the noise; skipped where there is no sidecar), ``surface``, ``deep`` (the paper's),
+     ``robust`` (``--reweight-preset robust``) and every
      ``--variant NAME="FLAGS"`` (the deep teacher with FLAGS, e.g. ``--teacher-hidden-layers 1``);
   3. translate the test set with ``fairseq-generate --beam 5`` and score it (examples/results.py):
      tokenized BLEU, sacreBLEU and chrF with signatures, paired bootstrap against the baseline,
@@ -69,6 +70,7 @@ METHODS = {
     "oracle": "--reweight-teacher oracle",
     "surface": "--reweight-teacher surface",
     "deep": "--reweight-teacher deep",
+    "robust": "--reweight-teacher deep --reweight-preset robust",
 }
 USER_DIR = Path(__file__).resolve().parent.parent / "fairseq_reweight"
 

@@ -29,13 +29,14 @@ def test_pipeline_micro(tmp_path):
     assert "| method | seeds | BLEU (tok.) | sacreBLEU | chrF |" in stdout
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["method"] for r in rows] == ["baseline", "oracle", "surface", "deep"]
+    assert [r["method"] for r in rows] == ["baseline", "oracle", "surface", "deep", "robust"]
     for row in rows:
         assert 0.0 <= float(row["tokenized_bleu"]) <= 100.0 and 0.0 <= float(row["chrf"]) <= 100.0
         assert row["bleu_signature"].startswith("nrefs:1|case:lc") and row["chrf_signature"].startswith("nrefs:1")
         assert float(row["sec_per_update"]) > 0 and "fairseq-train" in row["command"]
     oracle = next(r for r in rows if r["method"] == "oracle")
     assert float(oracle["noise_auc"]) == 1.0 and "--reweight-teacher oracle" in oracle["command"]
+    assert "--reweight-preset robust" in rows[-1]["command"]
     oracle_line = next(line for line in stdout.splitlines() if line.startswith("| oracle |"))
     assert oracle_line.count("|") == 11  # the ten columns, p-value included
     # every generated test set is complete (no ragged last batch dropped)
@@ -46,7 +47,7 @@ def test_pipeline_micro(tmp_path):
     assert "fine-tuned model found" in again
     assert "[experiment] $ " not in again  # no fairseq command ran
     with open(out / "results.csv") as fh:
-        assert [r["method"] for r in csv.DictReader(fh)] == ["baseline", "oracle", "surface", "deep"]
+        assert [r["method"] for r in csv.DictReader(fh)] == ["baseline", "oracle", "surface", "deep", "robust"]
     # the methods during Adam pretraining (--optimizer reweight_adam), same data
     stdout = _run(cmd[:-4] + ["--out", str(tmp_path / "pretrain"), "--data", f"noisy={noisy}/data-bin",
                               "--reweight-phase", "pretrain", "--methods", "baseline", "oracle", "deep"])
