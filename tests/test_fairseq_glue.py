@@ -145,7 +145,7 @@ def test_meta_valid_batches_default_to_the_validation_batch_size(tiny_data_bin, 
 
 
 
-@pytest.mark.parametrize("given, lr", [([], 0.03), (["--teacher-lr", "0.01"], 0.01)])
+@pytest.mark.parametrize("given, lr", [([], 0.1), (["--teacher-lr", "0.01"], 0.01)])
 def test_preset_fills_in_the_options_left_at_their_defaults(tiny_data_bin, given, lr):
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf

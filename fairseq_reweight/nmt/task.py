@@ -49,7 +49,7 @@ class ReweightTranslationConfig(TranslationConfig):
     reweight_preset: ChoiceEnum(["none", "robust"]) = field(
         default="none",
         metadata={"help": "robust: the configuration measured best on masked noise (examples/iwslt14/README.md): "
-                  "--teacher-features label --teacher-lr 0.03; a preset fills in the options left at their "
+                  "--teacher-features label --teacher-lr 0.1; a preset fills in the options left at their "
                   "defaults (none: the paper's configuration)"},
     )
     teacher_features: str = field(
@@ -333,7 +333,7 @@ class ReweightTranslationTask(TranslationTask):
         return loss, sample_size, logging_output
 
 
-PRESETS = {"robust": {"teacher_features": "label", "teacher_lr": 0.03}}
+PRESETS = {"robust": {"teacher_features": "label", "teacher_lr": 0.1}}
 
 
 def apply_preset(cfg) -> None:
