@@ -136,7 +136,7 @@ def test_two_gloo_processes_match_one_process_with_update_freq_2(tiny_data_bin, 
         torch.testing.assert_close(one_model[key], two_model[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def _validation_gradient(data):
+def _validation_gradient(data, chunks=1):
     """Replay.validation_gradient of a fixed tiny student on the first meta-validation batch, with
     the sentence ids each validation forward saw, and the batch's ids."""
     from types import SimpleNamespace
@@ -156,11 +156,19 @@ def _validation_gradient(data):
     student = SimpleNamespace(replay_model=model, device=torch.device("cpu"),
                               theta=lambda: [p.detach() for p in model.parameters()],
                               param_dict=lambda ps: dict(zip(names, ps)))
-    replay, seen = Replay(student, criterion, {}, 1), []
+    replay, seen = Replay(student, criterion, {}, 1, chunks=chunks), []
     loss_of = replay.validation_loss
     replay.validation_loss = lambda part, params, size=None: seen.append(part["id"].tolist()) or loss_of(part, params, size)
     loss, grads = replay.validation_gradient(sample)
     return {"loss": loss, "grads": grads, "seen": seen, "ids": sample["id"].tolist()}
+
+
+def test_validation_gradient_in_chunks_is_the_whole_batch_one(tiny_data_bin):
+    one, chunked = _validation_gradient(tiny_data_bin), _validation_gradient(tiny_data_bin, chunks=3)
+    assert len(chunked["seen"]) == 3 and sum(chunked["seen"], []) == one["ids"]
+    assert chunked["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    for a, b in zip(chunked["grads"], one["grads"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def _validation_gradient_on_rank(rank, data, init_method, out):

@@ -138,7 +138,7 @@ def _run(args) -> float:
         raise RuntimeError(f"expected {num_steps} recorded steps")
     mode = cfg.task.reweight_history
     with replay_session(trainer.model, criterion, driver.teacher, driver.recorder.optimizer, cfg.common.seed,
-                        cfg.task.meta_valid_loss, trainer.get_num_updates()) as replay:
+                        cfg.task.meta_valid_loss, trainer.get_num_updates(), chunks=cfg.task.reweight_chunks) as replay:
         _, val_grad = replay.validation_gradient(val_sample)
         # as training computes it (the oldest step by forward-mode AD), and every step by --reweight-hvp
         reverse, full = (teacher_hypergradient(replay, steps, val_grad, mode, fast, hvp=cfg.task.reweight_hvp).teacher_grad

@@ -83,7 +83,7 @@ class ReweightDriver(nn.Module):
         if self._meta_valid_iter is None:
             self._meta_valid_iter = self.meta_valid_batches(skip=self.meta_valid_consumed)
         with replay_session(model, criterion, self.teacher, self.recorder.optimizer, self.cfg.seed,
-                            self.cfg.meta_valid_loss, update_num, self._shadow) as replay:
+                            self.cfg.meta_valid_loss, update_num, self._shadow, self.cfg.reweight_chunks) as replay:
             sample = next(self._meta_valid_iter)  # inside: a new epoch draws from torch's global RNG
             self.meta_valid_consumed += 1
             val_loss, grads = meta_gradient(replay, steps, sample, self.cfg.reweight_history, self.cfg.reweight_hvp,

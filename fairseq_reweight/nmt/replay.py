@@ -95,8 +95,10 @@ class StudentView:
 class Replay:
     """The student's losses as functions of its parameters, for one meta-update."""
 
-    def __init__(self, student: StudentView, criterion, omega: dict, seed: int, valid_loss: str = "criterion"):
+    def __init__(self, student: StudentView, criterion, omega: dict, seed: int, valid_loss: str = "criterion",
+                 chunks: int = 1):
         self.student, self.criterion, self.seed = student, criterion, seed
+        self.chunks = chunks  # --reweight-chunks: the validation gradient in this many row chunks
         self.omega_by_name = omega
         self.omega = list(omega.values())
         self.valid_loss = valid_loss  # --meta-valid-loss: "criterion" (e.g. label-smoothed), "nll", "sentence-nll"
@@ -142,18 +144,25 @@ class Replay:
 
         Under data parallelism every rank holds the same batch; each computes the loss of its share
         of the sentences (rows rank, rank + N, ...) divided by the whole batch's size, and the
-        all-reduced sums are the whole batch's loss and gradient, at 1/N of the work per rank."""
+        all-reduced sums are the whole batch's loss and gradient, at 1/N of the work per rank. With
+        ``chunks`` > 1 the rows are taken in that many chunks, one graph at a time."""
         leaves = [t.detach().requires_grad_() for t in self.student.theta()]
         size = self.validation_size(sample)
+        rows = torch.arange(sample["target"].size(0))
         if data_parallel():
-            rows = torch.arange(dist.get_rank(), sample["target"].size(0), dist.get_world_size())
-            sample = contract.batch_rows(sample, rows, contract.unwrap_model(self.criterion).padding_idx)
-        if sample["target"].size(0) > 0:
-            loss = self.validation_loss(sample, leaves, size)
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-            loss = loss.detach().reshape(1)
-        else:  # fewer sentences than ranks
-            loss, grads = leaves[0].new_zeros(1), [None] * len(leaves)
+            rows = rows[dist.get_rank()::dist.get_world_size()]
+        pad = contract.unwrap_model(self.criterion).padding_idx
+        whole = rows.numel() == sample["target"].size(0) and self.chunks <= 1
+        # eval mode (no dropout): chunks of the batch give the same loss and gradient, summed
+        parts = [sample] if whole else [contract.batch_rows(sample, part, pad)
+                                        for part in rows.tensor_split(max(1, min(self.chunks, rows.numel())))
+                                        if part.numel() > 0]
+        loss, grads = leaves[0].new_zeros(1), [None] * len(leaves)  # no rows: fewer sentences than ranks
+        for part in parts:
+            value = self.validation_loss(part, leaves, size)
+            part_grads = torch.autograd.grad(value, leaves, allow_unused=True)
+            loss = loss + value.detach().reshape(1)
+            grads = [g if a is None else (a if g is None else a + g) for a, g in zip(grads, part_grads)]
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
         all_reduce = all_reduce_fn()
         if all_reduce is not None:
@@ -181,14 +190,14 @@ class Replay:
 
 @contextlib.contextmanager
 def replay_session(model, criterion, teacher, recorder, seed: int, valid_loss: str, update_num: int,
-                   shadow: Optional[dict] = None):
+                   shadow: Optional[dict] = None, chunks: int = 1):
     """A :class:`Replay` of the student with fresh teacher leaves omega; restores torch's RNG, the
     model's mode and update counter afterwards, so that training continues exactly as without it."""
     inner = contract.unwrap_model(model)
     rng_state = utils.get_rng_state()
     omega = {name: p.detach().clone().requires_grad_() for name, p in teacher.named_parameters()}
     try:
-        yield Replay(StudentView(inner, recorder, shadow), criterion, omega, seed, valid_loss)
+        yield Replay(StudentView(inner, recorder, shadow), criterion, omega, seed, valid_loss, chunks)
     finally:
         utils.set_rng_state(rng_state)
         inner.set_num_updates(update_num)

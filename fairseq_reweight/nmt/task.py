@@ -75,9 +75,9 @@ class ReweightTranslationConfig(TranslationConfig):
                                            "sentence: </s> gets the mean weight of its sentence's other tokens"}
     )
     reweight_chunks: int = field(
-        default=1, metadata={"help": "train (and replay) every micro-batch as this many consecutive chunks of its "
-                                     "sentences: the meta-update's peak memory is that of one chunk; the teacher's "
-                                     "weights are normalised per chunk"}
+        default=1, metadata={"help": "train (and replay) every micro-batch, and take the meta-validation batch, as "
+                                     "this many consecutive chunks of its sentences: the meta-update's peak memory is "
+                                     "that of one chunk; the teacher's weights are normalised per chunk"}
     )
     reweight_interval: int = field(
         default=20, metadata={"help": "K: student updates between teacher updates"}
