@@ -108,6 +108,12 @@ def _floats(rows, key):
     return [float(r[key]) if r[key] != "" else float("nan") for r in rows]
 
 
+def _mean_of_seeds(rows, seeds):
+    """Mean tokenized BLEU of ``rows`` over ``seeds``, or None unless every seed is there."""
+    by_seed = {r["seed"]: float(r["tokenized_bleu"]) for r in rows}
+    return statistics.mean(by_seed[s] for s in seeds) if all(s in by_seed for s in seeds) else None
+
+
 def condition_table(rows, condition, methods):
     """Markdown lines of one data condition's table."""
     runs = {m: sorted((r for r in rows if r["data"] == condition and r["method"] == m), key=lambda r: int(r["seed"]))
@@ -125,10 +131,15 @@ def condition_table(rows, condition, methods):
             if method != "baseline" and r["seed"] in base:
                 p_values.append(f"{paired_p_values(base[r['seed']]['run_dir'], r['run_dir'])[0]:.3f}")
         delta = gap = "–"
-        if method != "baseline" and "baseline" in mean:
-            delta = f"{mean[method] - mean['baseline']:+.2f}"
-            if "oracle" in mean and method != "oracle" and mean["oracle"] != mean["baseline"]:
-                gap = f"{(mean[method] - mean['baseline']) / (mean['oracle'] - mean['baseline']):.0%}"
+        # against the baseline (and oracle) of the same seeds: a one-seed pilot is compared with its
+        # own seed's runs, not with a mean over seeds it did not run
+        seeds_run = [r["seed"] for r in method_rows]
+        baseline = _mean_of_seeds(runs.get("baseline", []), seeds_run)
+        if method != "baseline" and baseline is not None:
+            delta = f"{mean[method] - baseline:+.2f}"
+            oracle = _mean_of_seeds(runs.get("oracle", []), seeds_run)
+            if method != "oracle" and oracle is not None and oracle != baseline:
+                gap = f"{(mean[method] - baseline) / (oracle - baseline):.0%}"
         seeds = ",".join(r["seed"] for r in method_rows)
         lines.append(f"| {method} | {seeds} | {_mean_std(_floats(method_rows, 'tokenized_bleu'))} | "
                      f"{_mean_std(_floats(method_rows, 'sacrebleu'))} | {_mean_std(_floats(method_rows, 'chrf'))} | "

@@ -57,3 +57,17 @@ def test_pipeline_micro(tmp_path):
     assert [r["method"] for r in rows] == ["baseline", "oracle", "deep"]
     assert all("--optimizer reweight_adam" in r["command"] and "--restore-file" not in r["command"] for r in rows)
     assert float(rows[1]["noise_auc"]) == 1.0
+
+
+def test_a_pilot_is_compared_with_the_runs_of_its_own_seeds(monkeypatch):
+    sys.path.insert(0, os.path.join(REPO, "examples"))
+    import results
+
+    monkeypatch.setattr(results, "paired_p_values", lambda base, run: (0.5,))
+    bleu = {"baseline": [10, 12, 14], "oracle": [11, 13, 16], "pilot": [None, None, 15]}
+    rows = [{"data": "noisy", "method": m, "seed": str(seed), "tokenized_bleu": str(v), "sacrebleu": str(v),
+             "chrf": "30", "noise_auc": "", "sec_per_update": "0.1", "run_dir": f"{m}{seed}"}
+            for m, values in bleu.items() for seed, v in enumerate(values, 1) if v is not None]
+    line = next(l for l in results.condition_table(rows, "noisy", list(bleu)) if l.startswith("| pilot |"))
+    cells = [c.strip() for c in line.split("|")]
+    assert cells[6:9] == ["+1.00", "0.500", "50%"]  # seed 3's baseline 14 and oracle 16, not the means 12 / 13.33
