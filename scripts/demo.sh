@@ -2,8 +2,9 @@
 # The main job, end to end on the CPU with generated data (no download): sets up .venv, writes a
 # small synthetic German->English corpus, prepares it like IWSLT14 (Moses tokenization, joint BPE,
 # fairseq-preprocess) clean and with the paper's masked noise, pretrains a small Transformer with Adam
-# on each, fine-tunes it four ways (uniform; the oracle that drops the known noisy pairs, noisy data
-# only; surface-feature teacher; deep-interaction teacher) and prints the BLEU / chrF table.
+# on each, fine-tunes it five ways (uniform; the oracle that drops the known noisy pairs, noisy data
+# only; surface-feature teacher; the paper's deep-interaction teacher; --reweight-preset robust) and
+# prints the BLEU / chrF table.
 # Re-running skips finished steps. OUT (default runs/demo) holds it all.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
