@@ -36,6 +36,12 @@ def parse_features(spec: str, teacher: str) -> List[str]:
     return names
 
 
+def _row_mean(values: Tensor, keep: Tensor) -> Tensor:
+    """Each row's mean of ``values`` (B x T or B x T x C) where ``keep`` is 1, over dim 1, kept as
+    a size-1 dim (0 for a row with none)."""
+    return (values * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
+
+
 class TokenWeigher(nn.Module):
     """``forward(...) -> (w, raw)``: normalised weights (B x T, mean 1 over non-pad tokens, 0 on
     padding) and the teacher's raw weights (B x T, 0 on padding).
@@ -83,15 +89,14 @@ class TokenWeigher(nn.Module):
             raw = torch.func.functional_call(self.teacher, params, (dense, labels))
         mask_f = mask.to(raw.dtype)
         if self.granularity == "sentence":
-            raw = ((raw * mask_f).sum(1, keepdim=True) / mask_f.sum(1, keepdim=True).clamp_min(1)).expand_as(raw)
+            raw = _row_mean(raw, mask_f).expand_as(raw)
         elif self.eos is not None:
             # A token teacher that down-weights a pair's words tends to down-weight its </s> too,
             # and a student that learns less where to stop writes longer hypotheses.
             is_eos = target.eq(self.eos)
             words = (mask & ~is_eos).to(raw.dtype)
-            n_words = words.sum(1, keepdim=True)
-            mean = (raw * words).sum(1, keepdim=True) / n_words.clamp_min(1)
-            raw = torch.where(is_eos & n_words.gt(0), mean.expand_as(raw), raw)
+            has_words = words.sum(1, keepdim=True).gt(0)
+            raw = torch.where(is_eos & has_words, _row_mean(raw, words).expand_as(raw), raw)
         return normalize_weights(raw, mask), raw * mask_f
 
     def dense_features(self, encoder_out, net_output, lprobs, target, state: TrainingState) -> Optional[Tensor]:
@@ -102,7 +107,7 @@ class TokenWeigher(nn.Module):
             hidden, pads = encoder_states(encoder_out)
             hidden = hidden.transpose(0, 1)  # B x S x C
             keep = (~pads).to(hidden.dtype).unsqueeze(-1) if pads is not None else torch.ones_like(hidden[..., :1])
-            pooled = (hidden * keep).sum(1) / keep.sum(1).clamp_min(1)  # B x C
+            pooled = _row_mean(hidden, keep).squeeze(1)  # B x C
             states.append(pooled.unsqueeze(1).expand(bsz, tgt_len, -1))
         if "decoder" in self.features:
             states.append(decoder_states(net_output).transpose(0, 1))  # B x T x C
