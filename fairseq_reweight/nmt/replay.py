@@ -122,15 +122,15 @@ class Replay:
         if self.valid_loss == "criterion":
             return self._loss(sample, params) / size
         criterion = contract.unwrap_model(self.criterion)
+        token_mean = self.valid_loss == "nll"
         with substitute_parameters(model, self.student.param_dict(params)):
             net_output = model(**sample["net_input"])
-            if self.valid_loss == "nll":
-                return criterion.compute_loss(model, net_output, sample, reduce=True)[1] / size
-            lprobs = model.get_normalized_probs(net_output, log_probs=True)
-        target = sample["target"]
-        mask = target.ne(criterion.padding_idx)
-        nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
-        return (nll.sum(1) / mask.sum(1).clamp_min(1)).sum() / size
+            nll = criterion.compute_loss(model, net_output, sample, reduce=token_mean)[1]  # 0 on padding
+        if token_mean:
+            return nll / size
+        target = sample["target"][:, criterion.ignore_prefix_size:]
+        per_sentence = nll.view(target.shape).sum(1) / target.ne(criterion.padding_idx).sum(1).clamp_min(1)
+        return per_sentence.sum() / size
 
     def validation_size(self, sample) -> float:
         """What the validation loss is averaged over: sentences (``sentence-nll``), else the
