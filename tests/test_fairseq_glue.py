@@ -32,7 +32,6 @@ def test_uniform_weights_reproduce_fairseq_bit_for_bit(tiny_data_bin, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-
 def test_chunked_micro_batches_train_as_whole_ones(tiny_data_bin, tmp_path):
     """--reweight-chunks 3 trains each micro-batch as three chunks of its sentences: without dropout
     (whose masks the chunks draw differently) the same updates as whole micro-batches."""
@@ -45,6 +44,7 @@ def test_chunked_micro_batches_train_as_whole_ones(tiny_data_bin, tmp_path):
     b = torch.load(tmp_path / "chunked" / "checkpoint_last.pt")["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
 
 def test_teacher_at_init_matches_uniform_loss(tiny_data_bin, tmp_path):
     """The zero-initialised teacher gives weight 0.5 everywhere, i.e. uniform after normalisation:
@@ -144,7 +144,6 @@ def test_meta_valid_batches_default_to_the_validation_batch_size(tiny_data_bin, 
     assert 0 < batch["ntokens"] and batch["net_input"]["src_tokens"].numel() <= max_tokens
 
 
-
 @pytest.mark.parametrize("given, lr", [([], 0.1), (["--teacher-lr", "0.01"], 0.01)])
 def test_preset_fills_in_the_options_left_at_their_defaults(tiny_data_bin, given, lr):
     from fairseq import options, tasks
@@ -154,6 +153,7 @@ def test_preset_fills_in_the_options_left_at_their_defaults(tiny_data_bin, given
                                        [tiny_data_bin] + COMMON + REWEIGHT + ["--reweight-preset", "robust"] + given)
     task = tasks.setup_task(convert_namespace_to_omegaconf(args).task)
     assert (task.cfg.teacher_features, task.cfg.teacher_lr) == ("label", lr)
+
 
 def test_meta_valid_loss_is_the_criterion_the_plain_nll_or_its_sentence_mean(tiny_data_bin):
     from types import SimpleNamespace

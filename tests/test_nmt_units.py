@@ -62,7 +62,6 @@ def test_sentence_granularity_gives_every_token_its_sentence_mean():
         assert torch.allclose(values, values[0].expand_as(values))
 
 
-
 def test_eos_as_sentence_gives_eos_the_mean_of_its_sentence_words_and_leaves_them_alone():
     EOS = 2
     sample, encoder_out, lprobs = _batch()
@@ -82,6 +81,7 @@ def test_eos_as_sentence_gives_eos_the_mean_of_its_sentence_words_and_leaves_the
         assert raw[row][target[row].eq(EOS)].item() == pytest.approx(raw_plain[row][words[row]].mean().item())
     assert torch.equal(raw[2], raw_plain[2])
     assert w[target.ne(PAD)].mean().item() == pytest.approx(1.0)
+
 
 def test_surface_loss_feature_is_the_token_nll_and_the_running_loss():
     sample, encoder_out, lprobs = _batch()

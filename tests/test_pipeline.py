@@ -68,6 +68,6 @@ def test_a_pilot_is_compared_with_the_runs_of_its_own_seeds(monkeypatch):
     rows = [{"data": "noisy", "method": m, "seed": str(seed), "tokenized_bleu": str(v), "sacrebleu": str(v),
              "chrf": "30", "noise_auc": "", "sec_per_update": "0.1", "run_dir": f"{m}{seed}"}
             for m, values in bleu.items() for seed, v in enumerate(values, 1) if v is not None]
-    line = next(l for l in results.condition_table(rows, "noisy", list(bleu)) if l.startswith("| pilot |"))
+    line = next(row for row in results.condition_table(rows, "noisy", list(bleu)) if row.startswith("| pilot |"))
     cells = [c.strip() for c in line.split("|")]
     assert cells[6:9] == ["+1.00", "0.500", "50%"]  # seed 3's baseline 14 and oracle 16, not the means 12 / 13.33
