@@ -149,6 +149,11 @@ def measure_in_child(*args):
     return result
 
 
+def _fields(spec: str):
+    """``"20:2,20:5"`` -> [["20", "2"], ["20", "5"]]; ``""`` -> []."""
+    return [item.split(":") for item in spec.split(",") if item]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data")
@@ -179,18 +184,18 @@ def main():
     plain, ours = training_flags(model_flags)
     ours += ["--reweight-history", args.history] + shlex.split(args.reweight_args)
     configs = [(f"K={k},B={b}", int(k), ours + ["--reweight-interval", k, "--reweight-backprop-steps", b])
-               for k, b in (pair.split(":") for pair in args.sweep.split(","))]
+               for k, b in _fields(args.sweep)]
     configs += [(f"K={k},B={b} fwd-rev", int(k), ours + ["--reweight-interval", k, "--reweight-backprop-steps", b,
                                                           "--reweight-hvp", "forward-over-reverse"])
-                for k, b in (pair.split(":") for pair in args.dual_sweep.split(",") if pair)]
+                for k, b in _fields(args.dual_sweep)]
     configs += [(f"K={k},B={b} C={c}", int(k), ours + ["--reweight-interval", k, "--reweight-backprop-steps", b,
                                                        "--reweight-chunks", c])
-                for k, b, c in (triple.split(":") for triple in args.chunk_sweep.split(",") if triple)]
+                for k, b, c in _fields(args.chunk_sweep)]
     configs.append(("lookahead K=1,B=1", 1, ours + ["--reweight-interval", "1", "--reweight-backprop-steps", "1"]))
     plain_adam, ours_adam = training_flags(model_flags, "adam")
     ours_adam += ["--reweight-history", "checkpoint"] + shlex.split(args.reweight_args)
     adam_configs = [(f"Adam K={k},B={b}", int(k), ours_adam + ["--reweight-interval", k, "--reweight-backprop-steps", b])
-                    for k, b in (pair.split(":") for pair in args.adam_sweep.split(",") if pair)]
+                    for k, b in _fields(args.adam_sweep)]
     longest = max(k for _, k, _ in configs + adam_configs)
     warmup = longest + 1
     period = math.lcm(*(k for _, k, _ in configs + adam_configs))
