@@ -171,3 +171,19 @@ def test_driver_state_round_trips():
     assert (other.num_meta_updates, other.best_meta_valid_loss, other.last_meta_update) == (4, 1.5, 12)
     assert float(other.running_loss) == 2.0 and other.last_meta_stats == {"meta_val_loss": 3.0}
     assert other.training_state().best_valid == 1.5
+
+
+def test_coalesced_all_reduce_flattens_per_dtype_and_bucket_and_copies_back():
+    """One collective per dtype and per bucket of at most bucket_numel elements (a larger tensor
+    alone), every tensor, also a non-contiguous one, reduced in place."""
+    from fairseq_reweight.nmt.replay import coalesced
+
+    torch.manual_seed(0)
+    tensors = [torch.randn(3, 4), torch.randn(5, dtype=torch.float64), torch.randn(4, 3).t(), torch.randn(30),
+               torch.randn(2, dtype=torch.float64), torch.randn(6)]
+    before = [t.clone() for t in tensors]
+    calls = []
+    coalesced(tensors, lambda flat: calls.append((flat.dtype, flat.numel())) or flat.mul_(2), bucket_numel=24)
+    assert calls == [(torch.float32, 24), (torch.float64, 7), (torch.float32, 30), (torch.float32, 6)]
+    for tensor, old in zip(tensors, before):
+        torch.testing.assert_close(tensor, 2 * old, rtol=0, atol=0)

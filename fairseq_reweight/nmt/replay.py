@@ -30,16 +30,35 @@ def data_parallel() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+BUCKET_NUMEL = 2 ** 24  # elements per collective (64 MiB in fp32): bounds the flat copy's memory
+
+
+def coalesced(tensors: List[torch.Tensor], reduce, bucket_numel: int = BUCKET_NUMEL) -> None:
+    """``reduce`` (an in-place collective) applied to flat copies of ``tensors``, one per dtype and
+    device and per ``bucket_numel`` elements, the results copied back. One all-reduce per parameter
+    tensor made a meta-update on 2 gloo ranks as slow as on one: each call's latency, ~170 calls a
+    replayed step (``benchmarks/ranks.py``). fairseq's legacy_ddp flattens its gradients the same way."""
+    buckets, open_buckets = [], {}  # open_buckets: (dtype, device) -> (bucket, its numel)
+    for tensor in tensors:
+        key = (tensor.dtype, tensor.device)
+        bucket, numel = open_buckets.get(key, (None, 0))
+        if bucket is None or (bucket and numel + tensor.numel() > bucket_numel):
+            bucket, numel = [], 0
+            buckets.append(bucket)
+        bucket.append(tensor)
+        open_buckets[key] = (bucket, numel + tensor.numel())
+    for bucket in buckets:
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        reduce(flat)
+        for tensor, piece in zip(bucket, flat.split([t.numel() for t in bucket])):
+            tensor.copy_(piece.view_as(tensor))
+
+
 def all_reduce_fn():
     """The core's ``all_reduce`` under data parallelism (sums in place), else None."""
     if not data_parallel():
         return None
-
-    def all_reduce(tensors):
-        for tensor in tensors:
-            dist.all_reduce(tensor)
-
-    return all_reduce
+    return lambda tensors: coalesced(list(tensors), dist.all_reduce)
 
 
 def sample_size(sample, criterion) -> int:
