@@ -14,7 +14,8 @@ meta-update and of its validation gradient (medians over the timed meta-updates,
 with its one-off costs, left out). Each (rank count, configuration) runs in new processes with
 ``--threads`` threads per rank (default 1), so that N ranks on an N-core machine do not compete for
 cores; ``--repeats`` runs every one that many times, round-robin, and prints medians with ranges.
-On the CPU the ranks use gloo and ``--ddp-backend legacy_ddp``, as fairseq 0.12 needs there.
+On the CPU the ranks use gloo and ``--ddp-backend legacy_ddp``, as fairseq 0.12 needs there; on
+GPUs nccl and fairseq's default DDP wrapper, one GPU a rank (that path has not been run yet).
 
     python benchmarks/ranks.py DATA_BIN --preset cpu-small --ranks 1,2 --repeats 3   # CPU, >= 2 cores
     python benchmarks/ranks.py DATA_BIN --arch transformer_iwslt_de_en --max-tokens 4096 --ranks 1,2,4,8   # GPUs
@@ -27,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -47,6 +49,7 @@ def worker(rank, world, data, flags, threads, warmup, timed, init_method, out):
     update_freq = max ranks / world micro-batches each, write its timings to out/rank{rank}.json."""
     torch.set_num_threads(threads)
     logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore")  # N copies of fairseq's and hydra's deprecation warnings
     sys.path.insert(0, cost.REPO)
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
