@@ -80,6 +80,21 @@ class PeakRSS:
         self._thread.join()
 
 
+def timed(function, label, times: dict, cuda: bool):
+    """``function`` wrapped to append its wall time (synchronised on a GPU) to ``times[label]``."""
+    def wrapper(*args, **kwargs):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = function(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        times.setdefault(label, []).append(time.perf_counter() - start)
+        return result
+
+    return wrapper
+
+
 def training_flags(model_flags, optimizer="sgd"):
     """fairseq-train flags of plain fairseq (momentum SGD or Adam) and of this method, same model and data."""
     # --max-update only sets the surface teacher's "progress" feature (update / max-update), which

@@ -46,17 +46,7 @@ def main():
     times = {}
 
     def timed(function, label):
-        def wrapper(*a, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            result = function(*a, **kw)
-            if cuda:
-                torch.cuda.synchronize()
-            times.setdefault(label, []).append(time.perf_counter() - start)
-            return result
-
-        return wrapper
+        return cost.timed(function, label, times, cuda)
 
     replay.Replay.validation_gradient = timed(replay.Replay.validation_gradient, "validation gradient")
     for hvp in gradients.HVP:  # the one --reweight-hvp picks (default: double-backward)

@@ -67,22 +67,9 @@ def worker(rank, world, data, flags, threads, warmup, timed, init_method, out):
         args = options.parse_args_and_arch(options.get_training_parser(), [data] + flags)
         distributed_utils.distributed_init(convert_namespace_to_omegaconf(args))
     times = {"meta-update": [], "validation gradient": []}
-
-    def timed_call(function, label):
-        def wrapper(*a, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            result = function(*a, **kw)
-            if cuda:
-                torch.cuda.synchronize()
-            times[label].append(time.perf_counter() - start)
-            return result
-
-        return wrapper
-
-    ReweightDriver.meta_update = timed_call(ReweightDriver.meta_update, "meta-update")
-    replay.Replay.validation_gradient = timed_call(replay.Replay.validation_gradient, "validation gradient")
+    ReweightDriver.meta_update = cost.timed(ReweightDriver.meta_update, "meta-update", times, cuda)
+    replay.Replay.validation_gradient = cost.timed(replay.Replay.validation_gradient, "validation gradient",
+                                                   times, cuda)
     torch.manual_seed(1)  # the same initial parameters on every rank and at every rank count
     trainer, task, cfg = cost.build(data, flags)
     update_freq = cfg.optimization.update_freq[0]
