@@ -118,41 +118,41 @@ class AdamReverse:
             theta_i.copy_(stored)
 
     @staticmethod
-    def _state_adjoints(step: AdamStepRecord, theta_bar, state_bar):
-        """Per parameter: (m~, v~, g~) of the module docstring."""
+    def gradient_adjoint(step: AdamStepRecord, theta_bar, state_bar) -> List[Tensor]:
+        """g~: the adjoint of the step's gradient. Turns ``state_bar`` = (m_bar, v_bar) into (m~, v~)
+        in place for :meth:`propagate`, which the reverse loop calls next with the same theta_bar:
+        the step's moments are then rebuilt once per step, not twice."""
         m_bar, v_bar = state_bar
         alpha = step.step_size
-        out = []
+        g_tilde = []
         for tb, mb, vb, m, v, g in zip(theta_bar, m_bar, v_bar, step.exp_avg, step.exp_avg_sq, step.grads):
             m_new = m * step.beta1 + g * (1 - step.beta1)
             v_new = v * step.beta2 + g * g * (1 - step.beta2)
             root = v_new.sqrt()
             denom = root + step.eps
-            m_tilde = mb - alpha * tb / denom
-            slope = torch.where(root > 0, alpha * tb * m_new / (2 * denom * denom * root), torch.zeros_like(root))
-            v_tilde = vb + slope
-            out.append((m_tilde, v_tilde, (1 - step.beta1) * m_tilde + 2 * (1 - step.beta2) * g * v_tilde))
-        return out
-
-    @classmethod
-    def gradient_adjoint(cls, step: AdamStepRecord, theta_bar, state_bar) -> List[Tensor]:
-        """g~: the adjoint of the step's gradient."""
-        return [g_tilde for _, _, g_tilde in cls._state_adjoints(step, theta_bar, state_bar)]
+            mb.sub_(alpha * tb / denom)
+            vb.add_(torch.where(root > 0, alpha * tb * m_new / (2 * denom * denom * root), torch.zeros_like(root)))
+            g_tilde.append((1 - step.beta1) * mb + 2 * (1 - step.beta2) * g * vb)
+        return g_tilde
 
     @staticmethod
     def rewind_state(step, state, grad, scale, theta) -> None:
         raise ValueError("Adam steps are not undone: use mode='checkpoint'")
 
-    @classmethod
-    def propagate(cls, step: AdamStepRecord, theta_bar, state_bar, g_bar, hvp_theta):
-        """The adjoints of (theta_t, (m_t, v_t)) from those of step t + 1."""
-        adjoints = cls._state_adjoints(step, theta_bar, state_bar)  # before theta_bar changes
+    @staticmethod
+    def propagate(step: AdamStepRecord, theta_bar, state_bar, g_bar, hvp_theta):
+        """The adjoints of (theta_t, (m_t, v_t)) from those of step t + 1; ``state_bar`` holds (m~, v~),
+        left there by :meth:`gradient_adjoint`."""
         decay = 1 - step.lr * step.weight_decay
         for tb, h in zip(theta_bar, hvp_theta):
             if step.weight_decay:
                 tb.mul_(decay)
             tb.add_(h)
-        return theta_bar, ([step.beta1 * m for m, _, _ in adjoints], [step.beta2 * v for _, v, _ in adjoints])
+        m_tilde, v_tilde = state_bar
+        for m, v in zip(m_tilde, v_tilde):
+            m.mul_(step.beta1)
+            v.mul_(step.beta2)
+        return theta_bar, state_bar
 
     @staticmethod
     def start_state(steps, state, params, mode: str):
