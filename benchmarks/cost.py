@@ -26,10 +26,15 @@ RSS does not shrink when PyTorch frees memory, so in one process every configura
 inherit the peak of those before it. Prints a table of ratios to ``plain``. ``--repeats N``
 measures every configuration N times, round-robin, and prints each ratio's median over the
 repeats (each repeat's ratio to that repeat's plain run) with its range: on a small shared CPU
-machine single ratios vary by about +-0.1 between runs.
+machine single ratios vary by about +-0.1 between runs, and by more when the machine slows for a
+while. ``--interleave`` times only, robustly: plain and each configuration are trained side by side
+in one process and timed in alternation, K updates (one meta-update) at a time, so that both sides
+see the same machine; it prints the ratio of the summed times and the range over the K-update
+stretches.
 
     python benchmarks/cost.py DATA_BIN --arch transformer_iwslt_de_en --max-tokens 4096   # GPU
     python benchmarks/cost.py DATA_BIN --preset cpu-small --repeats 3                      # CPU
+    python benchmarks/cost.py DATA_BIN --preset cpu-small --interleave --repeats 3         # CPU, time only
 """
 import argparse
 import copy
@@ -144,21 +149,70 @@ def measure(name, data, flags, init_state, batches, warmup, timed):
     return {"name": name, "ms": 1000 * elapsed / timed, "peak": peak}
 
 
-def _measure_and_send(send, args):
+def measure_pair(name, data, plain_flags, flags, period, init_state, batches, warmup, timed_updates):
+    """Time per update of plain fairseq and of one configuration, trained side by side in one process
+    and timed in alternation, ``period`` updates at a time (the configuration's K: each stretch holds
+    one meta-update), plain first in every other stretch. Whatever slows the machine for a while
+    then slows both sides alike; the ratio is of the summed times, the range over the stretches.
+    The meta-updates are timed too, so that the ratio splits into the configuration's ordinary
+    updates against plain and its meta-updates in plain updates."""
+    from fairseq_reweight.nmt.driver import ReweightDriver
+
+    trainers = [build(data, f)[0] for f in (plain_flags, flags)]
+    cuda = torch.cuda.is_available() and "--cpu" not in flags
+    for trainer in trainers:
+        trainer.model.load_state_dict(init_state)
+    meta_times, untimed = {}, ReweightDriver.meta_update
+    ReweightDriver.meta_update = timed(untimed, "meta", meta_times, cuda)
+    try:
+        for sample in batches[:warmup]:
+            for trainer in trainers:
+                trainer.train_step([sample])
+        meta_times.clear()
+        elapsed = _alternate(trainers, batches, warmup, timed_updates, period, cuda)
+    finally:
+        ReweightDriver.meta_update = untimed
+    updates = period * len(elapsed[0])
+    meta = meta_times.get("meta", [])
+    return {"name": name, "plain ms": 1000 * sum(elapsed[0]) / updates, "ms": 1000 * sum(elapsed[1]) / updates,
+            "stretch ratios": [ours / plain for plain, ours in zip(*elapsed)],
+            "step ms": 1000 * (sum(elapsed[1]) - sum(meta)) / updates,
+            "meta ms": 1000 * statistics.mean(meta) if meta else math.nan}
+
+
+def _alternate(trainers, batches, warmup, timed_updates, period, cuda):
+    """Seconds per stretch of ``period`` updates, per trainer, taking turns (plain first in every
+    other stretch)."""
+    elapsed = ([], [])
+    for stretch, start in enumerate(range(warmup, warmup + timed_updates - period + 1, period)):
+        for side in ((0, 1) if stretch % 2 == 0 else (1, 0)):
+            if cuda:
+                torch.cuda.synchronize()
+            begin = time.perf_counter()
+            for sample in batches[start: start + period]:
+                trainers[side].train_step([sample])
+            if cuda:
+                torch.cuda.synchronize()
+            elapsed[side].append(time.perf_counter() - begin)
+    return elapsed
+
+
+def _call_and_send(send, function, args):
     logging.disable(logging.WARNING)
     import fairseq.trainer  # noqa: F401  (imported before the RSS baseline, as in the parent)
     import fairseq_reweight  # noqa: F401
 
-    send.send(measure(*args))
+    send.send(function(*args))
 
 
-def measure_in_child(*args):
-    """:func:`measure` in a new process (CPU; spawned, as forking after OpenMP has started
-    threads can hang): none of the configurations inherits another's peak RSS."""
+def in_child(function, *args):
+    """``function(*args)`` in a new process (CPU; spawned, as forking after OpenMP has started
+    threads can hang): none of the configurations inherits another's peak RSS or allocator state."""
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
-    process = context.Process(target=_measure_and_send, args=(send, args))
+    process = context.Process(target=_call_and_send, args=(send, function, args))
     process.start()
+    send.close()  # the child's copy stays open: recv() raises EOFError if the child dies instead of waiting
     result = receive.recv()
     process.join()
     return result
@@ -186,6 +240,10 @@ def main():
                         help="K:B pairs of reweight_adam to measure against plain fairseq Adam ('' for none)")
     parser.add_argument("--periods", type=int, default=1,
                         help="timed updates = PERIODS x lcm of the K values (default 1: 100 updates for the default sweep)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time only: train plain and each configuration side by side in one process and "
+                        "time them in alternation, K updates at a time (ratios robust to a machine that "
+                        "slows for a while; no memory figures)")
     parser.add_argument("--reweight-args", default="",
                         help="extra flags for the reweighting configurations only, e.g. "
                         "\"--meta-valid-max-tokens 4096 --teacher-hidden-layers 1\"")
@@ -233,33 +291,65 @@ def main():
     # a discarded first run absorbs one-off costs (CUDA context, kernel selection, allocator growth)
     print(f"timing updates {warmup + 1}-{warmup + timed} of every configuration (after {warmup} warm-up updates)")
     measure("warm-up", args.data, plain, init_state, batches, 2, 2)
-    tables = [[("plain fairseq SGD", plain)] + [(name, flags) for name, _, flags in configs]]
+    tables = [(("plain fairseq SGD", plain), configs)]
     if adam_configs:
-        tables.append([("plain fairseq Adam", plain_adam)] + [(name, flags) for name, _, flags in adam_configs])
-    runs = [[[] for _ in table] for table in tables]
-    run = measure if device != "CPU" else measure_in_child
+        tables.append((("plain fairseq Adam", plain_adam), adam_configs))
+    if args.interleave:
+        runs = [[[] for _ in table_configs] for _, table_configs in tables]
+        for _ in range(args.repeats):
+            for ((_, plain_flags), table_configs), table_runs in zip(tables, runs):
+                for (name, k, flags), config_runs in zip(table_configs, table_runs):
+                    pair = (name, args.data, plain_flags, flags, k, init_state, batches, warmup, timed)
+                    config_runs.append(measure_pair(*pair) if device != "CPU" else in_child(measure_pair, *pair))
+        for ((plain_name, _), table_configs), table_runs in zip(tables, runs):
+            print_pairs(plain_name, table_configs, table_runs)
+        print("\n(interleaved: time only, plain and each configuration in one process)")
+        return
+    runs = [[[] for _ in range(len(table_configs) + 1)] for _, table_configs in tables]
     for _ in range(args.repeats):
-        for table, table_runs in zip(tables, runs):
-            for (name, flags), config_runs in zip(table, table_runs):
-                config_runs.append(run(name, args.data, flags, init_state, batches, warmup, timed))
-    for table, table_runs in zip(tables, runs):
-        print_table(table, table_runs)
+        for (base, table_configs), table_runs in zip(tables, runs):
+            for (name, flags), config_runs in zip([base] + [(n, f) for n, _, f in table_configs], table_runs):
+                config_runs.append(measure(name, args.data, flags, init_state, batches, warmup, timed) if device != "CPU"
+                                   else in_child(measure, name, args.data, flags, init_state, batches, warmup, timed))
+    for (base, table_configs), table_runs in zip(tables, runs):
+        print_table([base[0]] + [name for name, _, _ in table_configs], table_runs)
     print(f"\n(history mode: {args.history}, Adam: checkpoint; peak memory: "
           f"{'torch.cuda.max_memory_allocated' if device != 'CPU' else 'peak RSS over the RSS before the model was built'})")
 
 
-def print_table(table, runs):
+def summary(values):
+    """``median`` or ``median (min-max)``."""
+    middle = statistics.median(values)
+    return f"{middle:.2f}" if len(values) == 1 else f"{middle:.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def print_pairs(plain_name, configs, runs):
+    """Interleaved runs: per configuration, the median ms of both sides, the median (min-max) over
+    the repeats of the ratio of summed times, and the range of the per-stretch ratios."""
+    repeats = len(runs[0])
+    width = 8 if repeats == 1 else 18
+    print(f"\n{'configuration':<22} {'plain ms':>9} {'ms/update':>10} {'x plain':>{width}} {'stretches':>11}"
+          f" {'steps x plain':>{width}} {'meta-update in plain updates':>{width + 12}}   (plain: {plain_name})")
+    for (name, _, _), config_runs in zip(configs, runs):
+        stretches = [ratio for r in config_runs for ratio in r["stretch ratios"]]
+        print(f"{name:<22} {statistics.median(r['plain ms'] for r in config_runs):>9.1f} "
+              f"{statistics.median(r['ms'] for r in config_runs):>10.1f} "
+              f"{summary([r['ms'] / r['plain ms'] for r in config_runs]):>{width}} "
+              f"{min(stretches):>5.2f}-{max(stretches):.2f} "
+              f"{summary([r['step ms'] / r['plain ms'] for r in config_runs]):>{width}} "
+              f"{summary([r['meta ms'] / r['plain ms'] for r in config_runs]):>{width + 12}}")
+    print("(stretches: the range of the ratios of single K-update stretches; steps: the configuration's time "
+          "without its meta-updates, per update; meta-update: its mean time over plain's time per update"
+          + (f"; medians over {repeats} repeats" if repeats > 1 else "") + ")")
+
+
+def print_table(names, runs):
     """Per configuration: median ms and peak, and the median (min-max) of its ratios to the plain
     run of the same repeat."""
     base = runs[0]
-
-    def summary(values):
-        middle = statistics.median(values)
-        return f"{middle:.2f}" if len(values) == 1 else f"{middle:.2f} ({min(values):.2f}-{max(values):.2f})"
-
     width = 8 if len(base) == 1 else 18
     print(f"\n{'configuration':<22} {'ms/update':>10} {'x plain':>{width}} {'peak MiB':>9} {'x plain':>{width}}")
-    for (name, _), config_runs in zip(table, runs):
+    for name, config_runs in zip(names, runs):
         ms = statistics.median(r["ms"] for r in config_runs)
         peak = statistics.median(r["peak"] for r in config_runs)
         time_ratios = [r["ms"] / b["ms"] for r, b in zip(config_runs, base)]
