@@ -127,7 +127,7 @@ def build(data, flags):
     return Trainer(cfg, task, model, criterion), task, cfg
 
 
-def measure(name, data, flags, init_state, batches, warmup, timed):
+def measure(name, data, flags, init_state, batches, warmup, timed_updates):
     start_rss = PeakRSS.rss()
     trainer, _, _ = build(data, flags)
     trainer.model.load_state_dict(init_state)
@@ -139,14 +139,14 @@ def measure(name, data, flags, init_state, batches, warmup, timed):
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as rss:
         start = time.perf_counter()
-        for sample in batches[warmup: warmup + timed]:
+        for sample in batches[warmup: warmup + timed_updates]:
             trainer.train_step([sample])
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if cuda else rss.peak - start_rss
     del trainer
-    return {"name": name, "ms": 1000 * elapsed / timed, "peak": peak}
+    return {"name": name, "ms": 1000 * elapsed / timed_updates, "peak": peak}
 
 
 def measure_pair(name, data, plain_flags, flags, period, init_state, batches, warmup, timed_updates):
