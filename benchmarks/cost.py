@@ -294,13 +294,15 @@ def main():
     tables = [(("plain fairseq SGD", plain), configs)]
     if adam_configs:
         tables.append((("plain fairseq Adam", plain_adam), adam_configs))
+    # on the CPU every measurement in its own process (peak RSS); on a GPU in this one
+    run = in_child if device == "CPU" else (lambda function, *function_args: function(*function_args))
     if args.interleave:
         runs = [[[] for _ in table_configs] for _, table_configs in tables]
         for _ in range(args.repeats):
             for ((_, plain_flags), table_configs), table_runs in zip(tables, runs):
                 for (name, k, flags), config_runs in zip(table_configs, table_runs):
-                    pair = (name, args.data, plain_flags, flags, k, init_state, batches, warmup, timed)
-                    config_runs.append(measure_pair(*pair) if device != "CPU" else in_child(measure_pair, *pair))
+                    config_runs.append(run(measure_pair, name, args.data, plain_flags, flags, k, init_state,
+                                           batches, warmup, timed))
         for ((plain_name, _), table_configs), table_runs in zip(tables, runs):
             print_pairs(plain_name, table_configs, table_runs)
         print("\n(interleaved: time only, plain and each configuration in one process)")
@@ -309,8 +311,7 @@ def main():
     for _ in range(args.repeats):
         for (base, table_configs), table_runs in zip(tables, runs):
             for (name, flags), config_runs in zip([base] + [(n, f) for n, _, f in table_configs], table_runs):
-                config_runs.append(measure(name, args.data, flags, init_state, batches, warmup, timed) if device != "CPU"
-                                   else in_child(measure, name, args.data, flags, init_state, batches, warmup, timed))
+                config_runs.append(run(measure, name, args.data, flags, init_state, batches, warmup, timed))
     for (base, table_configs), table_runs in zip(tables, runs):
         print_table([base[0]] + [name for name, _, _ in table_configs], table_runs)
     print(f"\n(history mode: {args.history}, Adam: checkpoint; peak memory: "
