@@ -24,6 +24,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cost  # noqa: E402  (build, training flags, presets)
 
 
+def steady_mean(values):
+    """(mean, count) of the timings after the first, which includes one-off costs (all if only one)."""
+    values = values[1:] or values
+    return sum(values) / len(values), len(values)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data")
@@ -97,16 +103,14 @@ def main():
     print(f"training step without a meta-update: {1000 * step:.1f} ms (mean of {len(steps)})")
     total = 0.0
     for label, values in times.items():
-        values = values[1:] or values  # the first meta-update includes one-off costs
-        mean = sum(values) / len(values)
+        mean, count = steady_mean(values)
         per_update = mean * len(times[label]) / max(1, len(times["validation gradient"]))
         total += per_update
-        print(f"{label:<36} {1000 * mean:8.1f} ms = {mean / step:5.2f} training steps (mean of {len(values)})")
+        print(f"{label:<36} {1000 * mean:8.1f} ms = {mean / step:5.2f} training steps (mean of {count})")
     print(f"{'the parts':<36} {1000 * total:8.1f} ms = {total / step:5.2f} training steps")
-    measured = whole["meta-update"][1:] or whole["meta-update"]
-    mean = sum(measured) / len(measured)
+    mean, count = steady_mean(whole["meta-update"])
     print(f"{'the whole meta-update':<36} {1000 * mean:8.1f} ms = {mean / step:5.2f} training steps (mean of "
-          f"{len(measured)}; besides the parts: the replay's set-up, the checks of the records and of the "
+          f"{count}; besides the parts: the replay's set-up, the checks of the records and of the "
           "validation gradient, the optimizer's reverse steps, the teacher's update)")
     print(f"at K=20: {1 + mean / step / 20:.2f}x a training step without a meta-update")
     for prof in profiles:
