@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
+from .dropout import dual_dropout
+
 CLIP_EPS = 1e-6  # fairseq.utils.clip_grad_norm_: coef = min(1, max_norm / (norm + 1e-6))
 
 
@@ -141,12 +143,13 @@ def gradient_jvp(step, theta, teacher_params, loss_fn, g_bar, all_reduce, step_i
     the loss at dual numbers ``theta + eps v`` (forward-mode AD, ``v`` = g~ or the clipped
     direction u). Its gradient is ``G_c + eps (H v, d(G_c . v)/d omega)``: the primal is the step's
     gradient, the tangents are both products (the Hessian is symmetric, and so are mixed second
-    derivatives), without a graph of the gradient. ``loss_fn`` must accept dual tensors."""
+    derivatives), without a graph of the gradient. ``loss_fn`` must accept dual tensors; its dropout
+    runs under :func:`~.dropout.dual_dropout` (the fused GPU kernel's backward has no forward mode)."""
     hvp_theta = [torch.zeros_like(p) for p in theta]
     hvp_omega = [torch.zeros_like(w) for w in teacher_params]
 
     def accumulate(vector, grad_sum):
-        with forward_ad.dual_level():
+        with forward_ad.dual_level(), dual_dropout():
             primals = [t.detach().requires_grad_() for t in theta]
             duals = [forward_ad.make_dual(p, v) for p, v in zip(primals, vector)]
             for chunk in iter_loss_chunks(loss_fn(step, duals), step_index):

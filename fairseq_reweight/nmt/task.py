@@ -198,6 +198,7 @@ class ReweightTranslationTask(TranslationTask):
             return self._attach_oracle(criterion)
         self._check_meta_valid_split()
         model_cfg = self._model_cfg
+        check_dual_attention_dropout(self.cfg.reweight_hvp, model_cfg)
         weigher = TokenWeigher(
             parse_features(self.cfg.teacher_features, self.cfg.reweight_teacher), self.tgt_dict.pad(),
             len(self.tgt_dict), model_cfg.encoder_embed_dim, model_cfg.decoder_embed_dim,
@@ -359,6 +360,17 @@ def check_param_pattern(pattern: str, names) -> None:
     if not any(regex.search(name) for name in names):
         raise ReweightConfigError(f"--meta-valid-params {pattern!r} matches no trainable parameter of the model "
                                   f"(e.g. {', '.join(names[:3])})")
+
+
+def check_dual_attention_dropout(hvp: str, model_cfg) -> None:
+    """Forward-over-reverse on a GPU cannot go through attention dropout: it is drawn inside the
+    attention kernel, whose dropout backward has no forward-mode derivative (core/dropout.py)."""
+    on_gpu = torch.cuda.is_available() and not getattr(model_cfg, "cpu", False)
+    if hvp == "forward-over-reverse" and on_gpu and getattr(model_cfg, "attention_dropout", 0.0) > 0:
+        raise ReweightConfigError(
+            "--reweight-hvp forward-over-reverse with --attention-dropout > 0 cannot run on a GPU (PyTorch's "
+            "fused dropout has no forward-mode derivative of its backward); use --reweight-hvp double-backward"
+        )
 
 
 def check_options(cfg: ReweightTranslationConfig) -> None:

@@ -1,0 +1,109 @@
+"""Forward-over-reverse through the GPU's fused dropout (core/dropout.py), checked on the CPU.
+
+On CUDA, F.dropout is torch.native_dropout, whose backward has no forward-mode derivative. The CPU
+takes another dropout, so these tests make F.dropout torch.native_dropout and let CPU tensors take
+the fused path (``takes_fused_kernel``), as on a GPU.
+"""
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import forward_ad
+
+from fairseq_reweight.core import dropout as dual
+from fairseq_reweight.core.errors import ReweightConfigError
+from fairseq_reweight.core.gradients import gradient_jvp, gradient_vjp
+from fairseq_reweight.nmt.task import check_dual_attention_dropout
+
+P = 0.3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_mask_is_the_fused_kernels_and_so_are_the_random_numbers(dtype):
+    x = torch.randn(7, 11, dtype=dtype)
+    torch.manual_seed(3)
+    expected = torch.native_dropout(x, P, True)[0]
+    after_expected = torch.rand(4)
+    torch.manual_seed(3)
+    actual = dual.mask_then_scale(x, P)
+    assert torch.equal(torch.rand(4), after_expected)  # the same draws: a replay keeps the step's masks
+    torch.testing.assert_close(actual, expected, rtol=2 * torch.finfo(dtype).eps, atol=0)
+    assert torch.equal(actual == 0, expected == 0)
+
+
+def _problem(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    theta = [torch.randn(6, 5, generator=generator, dtype=torch.float64),
+             torch.randn(5, generator=generator, dtype=torch.float64)]
+    omega = [torch.randn(6, generator=generator, dtype=torch.float64).requires_grad_()]
+    inputs = torch.randn(8, 6, generator=generator, dtype=torch.float64)
+    return theta, omega, inputs
+
+
+def _loss_fn(omega, inputs, dropout):
+    def loss_fn(step, params):
+        torch.manual_seed(11)  # the step's dropout replayed by re-seeding, as the fairseq replay does
+        hidden = dropout(torch.tanh(inputs @ params[0]))
+        per_example = (hidden @ params[1]) ** 2
+        return (torch.sigmoid(inputs @ omega[0]) * per_example).sum()
+
+    return loss_fn
+
+
+def test_forward_over_reverse_through_fused_dropout_equals_the_double_backward(monkeypatch):
+    theta, omega, inputs = _problem()
+    g_bar = [torch.randn_like(t) for t in theta]
+    step = SimpleNamespace(clip_norm=0.0)
+
+    # the GPU's training step and double backward: torch.native_dropout
+    fused = _loss_fn(omega, inputs, lambda h: torch.native_dropout(h, P, True)[0])
+    expected = gradient_vjp(step, [t.clone().requires_grad_() for t in theta], omega, fused, g_bar, None, 0)
+
+    # CPU tensors as CUDA ones: F.dropout is native_dropout, and takes the fused path in dual_dropout
+    def cuda_dropout(h, p=0.5, training=True, inplace=False):
+        return torch.native_dropout(h, p, training)[0]
+
+    monkeypatch.setattr(F, "dropout", cuda_dropout)
+    monkeypatch.setattr(dual, "takes_fused_kernel", lambda x: True)
+    functional = _loss_fn(omega, inputs, lambda h: F.dropout(h, P, training=True))
+    # what fails on a GPU without dual_dropout (PyTorch 2.13; if a later one passes, dual_dropout can go)
+    with forward_ad.dual_level(), pytest.raises(NotImplementedError, match="native_dropout_backward"):
+        primal = theta[0].clone().requires_grad_()
+        loss = functional(step, [primal, forward_ad.make_dual(theta[1], g_bar[1])])
+        torch.autograd.grad(loss, [primal])
+    actual = gradient_jvp(step, [t.clone() for t in theta], omega, functional, g_bar, None, 0)
+
+    grad, _, _, hvp_theta, hvp_omega = actual
+    for a, b in zip(grad + hvp_theta + hvp_omega, expected[0] + expected[3] + expected[4]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert any(float(h.abs().max()) > 0 for h in hvp_omega)
+
+
+def test_dual_dropout_leaves_other_tensors_and_f_dropout_as_they_were():
+    x = torch.randn(5, 4)
+    original = F.dropout
+    with dual.dual_dropout():
+        torch.manual_seed(0)
+        inside = F.dropout(x, P, training=True)  # a CPU tensor: torch's own dropout
+        assert torch.equal(F.dropout(x, P, training=False), x)
+    torch.manual_seed(0)
+    assert torch.equal(inside, F.dropout(x, P, training=True))
+    assert F.dropout is original
+
+
+@pytest.mark.parametrize("hvp, attention_dropout, cuda, refused", [
+    ("forward-over-reverse", 0.1, True, True),
+    ("forward-over-reverse", 0.0, True, False),
+    ("forward-over-reverse", 0.1, False, False),
+    ("double-backward", 0.1, True, False),
+])
+def test_attention_dropout_with_forward_over_reverse_on_a_gpu_is_refused(monkeypatch, hvp, attention_dropout,
+                                                                         cuda, refused):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    model_cfg = SimpleNamespace(attention_dropout=attention_dropout, cpu=False)
+    if refused:
+        with pytest.raises(ReweightConfigError, match="--reweight-hvp double-backward"):
+            check_dual_attention_dropout(hvp, model_cfg)
+    else:
+        check_dual_attention_dropout(hvp, model_cfg)
