@@ -18,12 +18,13 @@ fairseq's own Trainer, in one run:
 
 Every configuration is timed on the same updates: after max(K)+1 warm-up updates, over
 ``--periods`` x lcm(K) updates (whole periods of every K; at least 20), so the meta-updates are
-amortised exactly and batch sizes do not differ between configurations. Peak memory is
-``torch.cuda.max_memory_allocated`` on a GPU and the peak resident set size sampled every
-millisecond on the CPU, over the RSS before the configuration's model was built (what training
-adds: model, optimizer, activations, replay), each configuration in a new process: a process's
-RSS does not shrink when PyTorch frees memory, so in one process every configuration would
-inherit the peak of those before it. Prints a table of ratios to ``plain``. ``--repeats N``
+amortised exactly and batch sizes do not differ between configurations. Peak memory is what
+training adds (model, optimizer, activations, replay): on a GPU ``torch.cuda.max_memory_allocated``
+over what was allocated before the configuration's model was built, all configurations in one
+process; on the CPU the peak resident set size sampled every millisecond over the RSS before the
+model was built, each configuration in a new process: a process's RSS does not shrink when PyTorch
+frees memory, so in one process every configuration would inherit the peak of those before it.
+Prints a table of ratios to ``plain``. ``--repeats N``
 measures every configuration N times, round-robin, and prints each ratio's median over the
 repeats (each repeat's ratio to that repeat's plain run) with its range: on a small shared CPU
 machine single ratios vary by about +-0.1 between runs, and by more when the machine slows for a
@@ -38,6 +39,7 @@ stretches.
 """
 import argparse
 import copy
+import gc
 import logging
 import math
 import multiprocessing
@@ -128,10 +130,14 @@ def build(data, flags):
 
 
 def measure(name, data, flags, init_state, batches, warmup, timed_updates):
+    cuda = torch.cuda.is_available() and "--cpu" not in flags
+    # on a GPU all configurations share this process: the trainer before this one (reference cycles)
+    # must be gone, and what is still allocated is not this configuration's
+    gc.collect()
+    start_allocated = torch.cuda.memory_allocated() if cuda else 0
     start_rss = PeakRSS.rss()
     trainer, _, _ = build(data, flags)
     trainer.model.load_state_dict(init_state)
-    cuda = torch.cuda.is_available() and "--cpu" not in flags
     for sample in batches[:warmup]:
         trainer.train_step([sample])
     if cuda:
@@ -144,8 +150,9 @@ def measure(name, data, flags, init_state, batches, warmup, timed_updates):
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if cuda else rss.peak - start_rss
+    peak = torch.cuda.max_memory_allocated() - start_allocated if cuda else rss.peak - start_rss
     del trainer
+    gc.collect()
     return {"name": name, "ms": 1000 * elapsed / timed_updates, "peak": peak}
 
 
@@ -240,6 +247,8 @@ def main():
                         help="K:B pairs of reweight_adam to measure against plain fairseq Adam ('' for none)")
     parser.add_argument("--periods", type=int, default=1,
                         help="timed updates = PERIODS x lcm of the K values (default 1: 100 updates for the default sweep)")
+    parser.add_argument("--no-lookahead", action="store_true",
+                        help="leave out the look-ahead every step (K=1, B=1), the slowest configuration")
     parser.add_argument("--interleave", action="store_true",
                         help="time only: train plain and each configuration side by side in one process and "
                         "time them in alternation, K updates at a time (ratios robust to a machine that "
@@ -264,11 +273,14 @@ def main():
     configs += [(f"K={k},B={b} C={c}", int(k), ours + ["--reweight-interval", k, "--reweight-backprop-steps", b,
                                                        "--reweight-chunks", c])
                 for k, b, c in _fields(args.chunk_sweep)]
-    configs.append(("lookahead K=1,B=1", 1, ours + ["--reweight-interval", "1", "--reweight-backprop-steps", "1"]))
+    if not args.no_lookahead:
+        configs.append(("lookahead K=1,B=1", 1, ours + ["--reweight-interval", "1", "--reweight-backprop-steps", "1"]))
     plain_adam, ours_adam = training_flags(model_flags, "adam")
     ours_adam += ["--reweight-history", "checkpoint"] + shlex.split(args.reweight_args)
     adam_configs = [(f"Adam K={k},B={b}", int(k), ours_adam + ["--reweight-interval", k, "--reweight-backprop-steps", b])
                     for k, b in _fields(args.adam_sweep)]
+    if not configs + adam_configs:
+        parser.error("nothing to measure: every sweep is empty and --no-lookahead is given")
     longest = max(k for _, k, _ in configs + adam_configs)
     warmup = longest + 1
     period = math.lcm(*(k for _, k, _ in configs + adam_configs))
@@ -288,9 +300,12 @@ def main():
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and "--cpu" not in plain else "CPU"
     print(f"device: {device}; torch {torch.__version__}; {sum(v.numel() for v in init_state.values()):,} "
           f"parameters; {sum(b['ntokens'] for b in batches) / len(batches):.0f} target tokens per batch")
-    # a discarded first run absorbs one-off costs (CUDA context, kernel selection, allocator growth)
     print(f"timing updates {warmup + 1}-{warmup + timed} of every configuration (after {warmup} warm-up updates)")
-    measure("warm-up", args.data, plain, init_state, batches, 2, 2)
+    # a discarded first run absorbs one-off costs (CUDA context, kernel selection, allocator growth);
+    # on a GPU it takes every batch, since the first pass over each batch shape selects its kernels
+    # (fp16 on an H200: the configuration measured first ran 4x slower than plain's second run)
+    cuda_run = device != "CPU"
+    measure("warm-up", args.data, plain, init_state, batches, warmup if cuda_run else 2, timed if cuda_run else 2)
     tables = [(("plain fairseq SGD", plain), configs)]
     if adam_configs:
         tables.append((("plain fairseq Adam", plain_adam), adam_configs))
@@ -303,6 +318,9 @@ def main():
                 for (name, k, flags), config_runs in zip(table_configs, table_runs):
                     config_runs.append(run(measure_pair, name, args.data, plain_flags, flags, k, init_state,
                                            batches, warmup, timed))
+                    result = config_runs[-1]
+                    print(f"measured {name}: {result['ms']:.1f} ms/update, plain {result['plain ms']:.1f}",
+                          flush=True)
         for ((plain_name, _), table_configs), table_runs in zip(tables, runs):
             print_pairs(plain_name, table_configs, table_runs)
         print("\n(interleaved: time only, plain and each configuration in one process)")
@@ -312,10 +330,14 @@ def main():
         for (base, table_configs), table_runs in zip(tables, runs):
             for (name, flags), config_runs in zip([base] + [(n, f) for n, _, f in table_configs], table_runs):
                 config_runs.append(run(measure, name, args.data, flags, init_state, batches, warmup, timed))
+                result = config_runs[-1]
+                print(f"measured {name}: {result['ms']:.1f} ms/update, peak {result['peak'] / 2**20:.0f} MiB",
+                      flush=True)
     for (base, table_configs), table_runs in zip(tables, runs):
         print_table([base[0]] + [name for name, _, _ in table_configs], table_runs)
-    print(f"\n(history mode: {args.history}, Adam: checkpoint; peak memory: "
-          f"{'torch.cuda.max_memory_allocated' if device != 'CPU' else 'peak RSS over the RSS before the model was built'})")
+    peak = "torch.cuda.max_memory_allocated" if cuda_run else "peak RSS"
+    print(f"\n(history mode: {args.history}, Adam: checkpoint; peak memory: {peak} over what was there before "
+          "the model was built)")
 
 
 def summary(values):
