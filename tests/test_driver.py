@@ -84,6 +84,31 @@ def test_checkpoint_history_mode_trains_like_reverse(tiny_data_bin, tmp_path):
         torch.testing.assert_close(rev_model[key], ckp_model[key], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["reverse", "checkpoint"])
+def test_the_kept_newest_step_gives_the_replays_meta_updates(tiny_data_bin, tmp_path, monkeypatch, mode):
+    """--reweight-newest-step kept (the default) differentiates the graph the update before a
+    meta-update kept, instead of replaying that update: the same meta-updates as the replay (to
+    float32 round-off: other arithmetic), the same students, and the kept graph really used."""
+    from fairseq_reweight.core import gradients
+
+    used = []
+    kept_vjp = gradients.kept_gradient_vjp
+    monkeypatch.setattr("fairseq_reweight.core.reverse.kept_gradient_vjp",
+                        lambda *args: used.append(1) or kept_vjp(*args))
+    logs = {}
+    for newest in ("kept", "replay"):
+        stats = run_train(tiny_data_bin, str(tmp_path / newest), BASE + [
+            "--max-update", "7", "--reweight-history", mode, "--reweight-newest-step", newest])
+        logs[newest] = [(s["loss"], s.get("teacher_gnorm"), s.get("meta_val_loss")) for s in _inner(stats)]
+    assert len(used) == 2  # the meta-updates at 3 and 6, from the graphs of updates 2 and 5
+    assert logs["kept"] == logs["replay"]
+    assert logs["kept"][-1][1] is not None
+    kept_model, kept_teacher = _state(tmp_path / "kept" / "checkpoint_last.pt")
+    replay_model, replay_teacher = _state(tmp_path / "replay" / "checkpoint_last.pt")
+    for key in kept_model:
+        torch.testing.assert_close(kept_model[key], replay_model[key], rtol=1e-4, atol=1e-6)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,6 +21,7 @@ from fairseq_reweight.core import (
     unroll_steps,
     unrolled_hypergradient,
 )
+from fairseq_reweight.core.gradients import KeptStep
 from fairseq_reweight.core.teacher import Teacher, normalize_weights
 
 NUM_STEPS = 5
@@ -175,6 +176,33 @@ def test_mlp_matches_unrolled_with_weight_decay():
     assert relative_error(v_k, optimizer.momentum_buffers()) < 1e-13
     results = check_against_unrolled(problem, optimizer)
     assert all(factor == 1.0 for factor in results[NUM_STEPS, "reverse"].clip_factors)
+
+
+@pytest.mark.parametrize("clip_norms", [None, [0.05, 0.0, 0.03, 100.0, 0.05]])
+def test_the_newest_step_from_its_kept_graph(clip_norms):
+    """The newest step's products from the gradient graph its training step kept (KeptStep, scaled
+    as fairseq divides by the sample size) instead of a replay: the unrolled reference's gradient."""
+    problem = MLPProblem(seed=3, num_chunks=2)
+    optimizer = problem.train(clip_norms=clip_norms)
+    theta_k, v_k = [p.detach() for p in optimizer.student_params()], optimizer.momentum_buffers()
+    val_grad = problem.val_grad(theta_k)
+    teacher_params = list(problem.teacher.parameters())
+    for num_steps in (2, NUM_STEPS):
+        window = optimizer.window(num_steps)
+        expected = unrolled_hypergradient(window[0].params, window[0].momentum_buffers, teacher_params, window,
+                                          problem.loss_fn, problem.val_loss)
+        for mode, fast in (("reverse", True), ("checkpoint", False), ("checkpoint", True)):
+            leaves = [p.clone().requires_grad_() for p in window[-1].params]
+            size = 4.0  # the loss before fairseq's division by the sample size
+            loss = sum(problem.loss_fn(window[-1], leaves)) * size
+            grads = torch.autograd.grad(loss, leaves, create_graph=True)
+            kept = KeptStep(leaves, teacher_params, grads, 1.0 / size)
+            result = reverse_hypergradient(theta_k, v_k, teacher_params, window, problem.loss_fn, val_grad,
+                                           mode=mode, teacher_grad_only=fast, kept=kept)
+            assert relative_error(result.teacher_grad, expected) <= TOLERANCE, (num_steps, mode, fast)
+    with pytest.raises(ValueError, match="all_reduce"):
+        reverse_hypergradient(theta_k, v_k, teacher_params, window, problem.loss_fn, val_grad, kept=kept,
+                              all_reduce=lambda tensors: None)
 
 
 def test_reverse_mode_reconstructs_states():

@@ -6,6 +6,7 @@ gradient clipping ``g = s(||G||) G``, ``s = min(1, c / (||G|| + 1e-6))``, and re
 reverse loop (:mod:`.reverse`) asks for, keeping one chunk's graph alive at a time.
 """
 import math
+from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
@@ -172,6 +173,41 @@ def gradient_jvp(step, theta, teacher_params, loss_fn, g_bar, all_reduce, step_i
 
 
 HVP = {"double-backward": gradient_vjp, "forward-over-reverse": gradient_jvp}
+
+
+@dataclass
+class KeptStep:
+    """The newest step's gradient with its graph, kept from the training step itself, so that the
+    reverse loop takes that step's products by one backward through it instead of replaying the
+    step's forward and first backward (about one training step saved per meta-update).
+
+    Attributes:
+        params: the leaves the step's loss was computed at (copies of theta_t: the optimizer updates
+            the parameters in place, which the graph must not see).
+        teacher_params: the teacher leaves the step's weights were computed with (omega's values).
+        grads: ``d loss / d params`` with ``create_graph=True`` (None where a parameter is unused).
+        scale: what turns that gradient into the optimizer's G (fairseq: 1 / the update's sample size).
+    """
+
+    params: List[Tensor]
+    teacher_params: List[Tensor]
+    grads: Sequence[Optional[Tensor]]
+    scale: float = 1.0
+
+
+def kept_gradient_vjp(kept: KeptStep, g_bar, clip_norm: float):
+    """What :func:`gradient_vjp` returns, from a :class:`KeptStep`'s graph (which it frees):
+    ``(G, ||G||, s, d(g . g~)/d theta, d(g . g~)/d omega)``."""
+    grad_sum = [torch.zeros_like(p) if g is None else g.detach() * kept.scale for p, g in zip(kept.params, kept.grads)]
+    norm = global_norm(grad_sum)
+    direction = g_bar if clip_norm <= 0 else clip_direction(grad_sum, norm, clip_norm, g_bar)
+    hvp = _chunk_hvp(kept.grads, [v * kept.scale for v in direction], list(kept.params) + list(kept.teacher_params))
+    hvp_theta = [torch.zeros_like(p) for p in kept.params]
+    hvp_omega = [torch.zeros_like(w) for w in kept.teacher_params]
+    if hvp is not None:
+        add_into(hvp_theta, hvp[: len(kept.params)])
+        add_into(hvp_omega, hvp[len(kept.params):])
+    return grad_sum, norm, clip_factor(norm, clip_norm)[0], hvp_theta, hvp_omega
 
 
 def _through_clipping(accumulate, step, theta, loss_fn, g_bar, all_reduce, step_index, hvp_theta):

@@ -16,7 +16,9 @@ The loop, newest step first::
         g~          = adjoint of the step's gradient   (SGD: v_bar - lr theta_bar; Adam: core/adam.py)
         d(g_t . g~)/d theta, d(g_t . g~)/d omega      (gradients.gradient_vjp: one chunked
                                                        double backward, exact through clipping;
-                                                       or gradient_jvp: forward-over-reverse)
+                                                       or gradient_jvp: forward-over-reverse;
+                                                       the newest step, with kept=: one backward
+                                                       through the graph its training step kept)
         state_t     = undo the state step, given G_t   (mode="reverse" only)
         theta_bar, state_bar = the optimizer's adjoint of its update + d(g_t . g~)/d theta
         omega_bar  += d(g_t . g~)/d omega
@@ -52,7 +54,7 @@ from torch import Tensor
 
 from .attention import math_attention
 from .checks import check_finite, validate_inputs, validate_teacher_params, validate_tensor_list
-from .gradients import HVP, add_into, global_norm, teacher_vjp
+from .gradients import HVP, KeptStep, add_into, global_norm, kept_gradient_vjp, teacher_vjp
 from .sgd import SGD, StepRecord
 
 LossFn = Callable[[StepRecord, List[Tensor]], Union[Tensor, Iterable[Tensor]]]
@@ -101,6 +103,7 @@ def reverse_hypergradient(
     teacher_grad_only: bool = False,
     optimizer=SGD,
     hvp: str = "double-backward",
+    kept: Optional[KeptStep] = None,
 ) -> HypergradResult:
     """Gradient of a validation loss at theta_K with respect to the teacher, through the last steps.
 
@@ -126,12 +129,17 @@ def reverse_hypergradient(
             (:func:`~.gradients.gradient_jvp`; ``loss_fn`` must accept dual tensors). Same values
             up to round-off; which is faster depends on the model and the hardware
             (``benchmarks/meta_breakdown.py``).
+        kept: the newest step's gradient graph from training (:class:`~.gradients.KeptStep`): that
+            step's products come from it (one backward) instead of ``loss_fn``; not with
+            ``all_reduce``, and unused when the newest step is the forward-mode oldest one (B = 1).
 
     Returns a :class:`HypergradResult`; raises ValueError on inconsistent inputs, non-finite
     ``val_grad``, or a step the mode cannot undo.
     """
     if hvp not in HVP:
         raise ValueError(f"hvp must be one of {', '.join(map(repr, HVP))}, got {hvp!r}")
+    if kept is not None and all_reduce is not None:
+        raise ValueError("a kept step is one worker's gradient graph: it cannot be used with all_reduce")
     step_products = HVP[hvp]
     params, teacher_params, steps, theta_bar, state = _checked_inputs(
         params, momentum_buffers, teacher_params, steps, val_grad, mode, optimizer
@@ -151,9 +159,12 @@ def reverse_hypergradient(
             if teacher_grad_only and index == 0:
                 norm, scale, hvp_omega = teacher_vjp(step, theta, teacher_params, loss_fn, g_bar, all_reduce, index)
             else:
-                grad, norm, scale, hvp_theta, hvp_omega = step_products(
-                    step, theta, teacher_params, loss_fn, g_bar, all_reduce, index
-                )
+                if kept is not None and index == len(steps) - 1:
+                    grad, norm, scale, hvp_theta, hvp_omega = kept_gradient_vjp(kept, g_bar, step.clip_norm)
+                else:
+                    grad, norm, scale, hvp_theta, hvp_omega = step_products(
+                        step, theta, teacher_params, loss_fn, g_bar, all_reduce, index
+                    )
                 with torch.no_grad():
                     if mode == "reverse":
                         optimizer.rewind_state(step, state, grad, scale, theta)

@@ -13,10 +13,14 @@ import torch
 from fairseq.logging import metrics
 from torch import nn
 
+from fairseq_reweight.core import math_attention, substitute_parameters
 from fairseq_reweight.core.features import TrainingState
+from fairseq_reweight.core.gradients import KeptStep
 from fairseq_reweight.core.teacher import apply_teacher_gradient
+from fairseq_reweight.nmt.fairseq_contract import inner_optimizer, unwrap_model
 from fairseq_reweight.nmt.recorder import StepRecorder
-from fairseq_reweight.nmt.replay import check_in_sync, check_skips, meta_gradient, replay_session
+from fairseq_reweight.nmt.replay import (check_in_sync, check_skips, data_parallel, meta_gradient, replay_session,
+                                         sample_size)
 from fairseq_reweight.nmt.weigher import TokenWeigher
 
 
@@ -35,6 +39,7 @@ class ReweightDriver(nn.Module):
         self.update_num, self.last_meta_update = 0, -1
         self.last_meta_stats = {}
         self._meta_valid_iter, self._shadow = None, {}
+        self.kept = None  # (update_num, KeptStep): the update before a meta-update, until that uses it
 
     @property
     def teacher(self):
@@ -62,9 +67,52 @@ class ReweightDriver(nn.Module):
             if due and update_num != self.last_meta_update:
                 self.last_meta_update = update_num
                 self.meta_update(model, criterion, update_num)
+            self.kept = None
             for key, value in self.last_meta_stats.items():  # shown in every log line (weight 0)
                 metrics.log_scalar(key, value, weight=0, round=4)
         self.recorder.on_micro_batch(update_num, sample, ignore_grad, first)
+
+    def keeps_step(self, model, optimizer, update_num, ignore_grad, one_micro_batch) -> bool:
+        """Whether this micro-batch is trained by :meth:`train_kept_step`: the whole update before a
+        meta-update (``--reweight-newest-step kept``), where its graph can serve the replay: fp32
+        parameters that the optimizer steps itself (no --fp16/--bf16/--amp wrapper), one process,
+        one micro-batch and one chunk, and B >= 2 (with B = 1 the newest step is the forward-mode one)."""
+        return (self.cfg.reweight_newest_step == "kept" and (update_num + 1) % self.cfg.reweight_interval == 0
+                and one_micro_batch and not ignore_grad and self.cfg.reweight_chunks == 1
+                and self.cfg.reweight_backprop_steps >= 2 and inner_optimizer(optimizer) is optimizer
+                and not data_parallel() and unwrap_model(model) is model)
+
+    def train_kept_step(self, model, criterion, sample, update_num):
+        """fairseq's ``FairseqTask.train_step`` for this micro-batch, with the gradient's graph kept
+        for the next meta-update. The forward runs at copies of the parameters (the optimizer steps
+        them in place, which the graph must not see) and at teacher leaves, under the math attention
+        kernel (the fused ones have no double backward); the gradient goes to ``p.grad`` as
+        ``loss.backward()`` would put it."""
+        model.train()
+        model.set_num_updates(update_num)
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        leaves = [p.detach().clone().requires_grad_() for _, p in named]
+        omega = {name: w.detach().clone().requires_grad_() for name, w in self.teacher.named_parameters()}
+        with math_attention(), substitute_parameters(model, {name: t for (name, _), t in zip(named, leaves)}):
+            loss, size, logging_output = criterion(model, sample, teacher_params=omega)
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        for (_, p), grad in zip(named, grads):
+            if grad is not None:
+                p.grad = grad.detach().clone() if p.grad is None else p.grad.add_(grad.detach())
+        self.kept = (update_num, KeptStep(leaves, list(omega.values()), grads))
+        return loss.detach(), size, logging_output
+
+    def _kept_for(self, steps, criterion):
+        """The kept graph if it is the newest step's (the update just taken, whole), scaled as the
+        trainer scaled its gradient; else None (the step is replayed)."""
+        if self.kept is None:
+            return None
+        update_num, kept = self.kept
+        data = steps[-1].data
+        if data.update_num != update_num or len(data.micro_batches) != 1 or data.micro_batches[0][1]:
+            return None
+        kept.scale = 1.0 / (float(sample_size(data.micro_batches[0][0], criterion)) or 1.0)
+        return kept
 
     def observe(self, logging_output):
         """The running mean training loss (surface feature ``loss``) after each micro-batch."""
@@ -87,7 +135,8 @@ class ReweightDriver(nn.Module):
             sample = next(self._meta_valid_iter)  # inside: a new epoch draws from torch's global RNG
             self.meta_valid_consumed += 1
             val_loss, grads = meta_gradient(replay, steps, sample, self.cfg.reweight_history, self.cfg.reweight_hvp,
-                                           self.cfg.meta_valid_params)
+                                           self.cfg.meta_valid_params, self._kept_for(steps, criterion))
+        self.kept = None
         self.consecutive_skips = 0 if grads is not None else self.consecutive_skips + 1
         if grads is None:  # keep the teacher as it was; the count is logged with every update from now on
             self.meta_skipped += 1

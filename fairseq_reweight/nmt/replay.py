@@ -224,30 +224,32 @@ def replay_session(model, criterion, teacher, recorder, seed: int, valid_loss: s
 
 
 def teacher_hypergradient(replay: Replay, steps: List, val_grad, mode: str, teacher_grad_only: bool = True,
-                          all_reduce=None, hvp: str = "double-backward") -> HypergradResult:
+                          all_reduce=None, hvp: str = "double-backward", kept=None) -> HypergradResult:
     """``d L_val / d omega`` through the recorded ``steps`` (oldest first) at the student's state
-    (``hvp``: ``--reweight-hvp``)."""
+    (``hvp``: ``--reweight-hvp``; ``kept``: the newest step's graph from training, or None)."""
     student = replay.student
     return reverse_hypergradient(
         student.theta(), student.final_state(), replay.omega, [student.convert_record(s) for s in steps],
         replay.loss_fn, val_grad, mode=mode, all_reduce=all_reduce, teacher_grad_only=teacher_grad_only,
-        optimizer=student.recorder.reverse, hvp=hvp,
+        optimizer=student.recorder.reverse, hvp=hvp, kept=kept,
     )
 
 
 def meta_gradient(replay: Replay, steps: List, sample, mode: str, hvp: str = "double-backward",
-                  valid_params: Optional[str] = None):
+                  valid_params: Optional[str] = None, kept=None):
     """(validation loss, teacher gradient) of one meta-update, the gradient None where the validation
     gradient or the hypergradient has non-finite entries (a diverged student: skip the update).
     ``valid_params`` (``--meta-valid-params``): keep the validation gradient of the parameters whose
-    names match this regular expression only."""
+    names match this regular expression only. ``kept``: the newest step's graph from training
+    (:class:`~fairseq_reweight.core.gradients.KeptStep`), or None."""
     val_loss, val_grad = replay.validation_gradient(sample)
     if not (math.isfinite(val_loss) and all_finite(val_grad)):
         return val_loss, None
     if valid_params:
         keep = re.compile(valid_params)
         val_grad = [g if keep.search(name) else torch.zeros_like(g) for name, g in zip(replay.student.names, val_grad)]
-    grads = teacher_hypergradient(replay, steps, val_grad, mode, all_reduce=all_reduce_fn(), hvp=hvp).teacher_grad
+    grads = teacher_hypergradient(replay, steps, val_grad, mode, all_reduce=all_reduce_fn(), hvp=hvp,
+                                  kept=kept).teacher_grad
     return val_loss, grads if all_finite(grads) else None
 
 

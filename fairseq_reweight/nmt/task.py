@@ -98,6 +98,14 @@ class ReweightTranslationConfig(TranslationConfig):
                   "(reverse-over-reverse) or by one backward pass at dual numbers (forward-over-reverse); "
                   "the same values up to round-off, at different cost (benchmarks/meta_breakdown.py)"},
     )
+    reweight_newest_step: ChoiceEnum(["kept", "replay"]) = field(
+        default="kept",
+        metadata={"help": "kept: the update before a meta-update keeps its gradient's graph, and the meta-update "
+                  "differentiates that instead of replaying the step (about one training step less per "
+                  "meta-update; the graph is held through the validation gradient); replay: replay it like "
+                  "the others. Kept only where it can be: one micro-batch per update, no --reweight-chunks, "
+                  "fp32, one process, B >= 2"},
+    )
     reweight_features_grad: bool = field(
         default=False,
         metadata={"help": "let the weights depend on the student through its features (off: detached, as in the paper)"},
@@ -326,10 +334,14 @@ class ReweightTranslationTask(TranslationTask):
         if self.driver is None:
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
         self.driver.on_micro_batch(model, criterion, optimizer, update_num, sample, ignore_grad)
-        with self._training_attention():
-            loss, sample_size, logging_output = super().train_step(
-                sample, model, criterion, optimizer, update_num, ignore_grad
-            )
+        if self.driver.keeps_step(model, optimizer, update_num, ignore_grad,
+                                  getattr(self._model_cfg, "update_freq", None) == [1]):
+            loss, sample_size, logging_output = self.driver.train_kept_step(model, criterion, sample, update_num)
+        else:
+            with self._training_attention():
+                loss, sample_size, logging_output = super().train_step(
+                    sample, model, criterion, optimizer, update_num, ignore_grad
+                )
         self.driver.observe(logging_output)
         return loss, sample_size, logging_output
 
