@@ -11,6 +11,8 @@ fairseq's own Trainer, in one run:
 - ``K=20,B=2 fwd-rev``: the ``--dual-sweep`` pairs with ``--reweight-hvp forward-over-reverse``
   (each replayed step's Hessian-vector products from a backward pass at dual numbers instead of a
   double backward);
+- ``K=20,B=2 replay``: the ``--replay-sweep`` pairs with ``--reweight-newest-step replay`` (the update
+  before a meta-update replayed like the others instead of keeping its gradient's graph);
 - ``K=20,B=5 C=2``: the ``--chunk-sweep`` triples with ``--reweight-chunks C`` (every micro-batch
   trained and replayed as C chunks of its sentences: the meta-update's peak memory is one chunk's);
 - the Adam column: plain fairseq ``--optimizer adam`` against ``--optimizer reweight_adam``
@@ -238,6 +240,8 @@ def main():
                         help="K:B pairs to measure besides plain and lookahead")
     parser.add_argument("--dual-sweep", default="20:2,20:5",
                         help="K:B pairs to measure also with --reweight-hvp forward-over-reverse ('' for none)")
+    parser.add_argument("--replay-sweep", default="",
+                        help="K:B pairs to measure also with --reweight-newest-step replay ('' for none)")
     parser.add_argument("--chunk-sweep", default="20:5:2",
                         help="K:B:C triples to measure with --reweight-chunks C ('' for none)")
     parser.add_argument("--history", default="reverse", choices=["reverse", "checkpoint"])
@@ -270,6 +274,9 @@ def main():
     configs += [(f"K={k},B={b} fwd-rev", int(k), ours + ["--reweight-interval", k, "--reweight-backprop-steps", b,
                                                           "--reweight-hvp", "forward-over-reverse"])
                 for k, b in _fields(args.dual_sweep)]
+    configs += [(f"K={k},B={b} replay", int(k), ours + ["--reweight-interval", k, "--reweight-backprop-steps", b,
+                                                         "--reweight-newest-step", "replay"])
+                for k, b in _fields(args.replay_sweep)]
     configs += [(f"K={k},B={b} C={c}", int(k), ours + ["--reweight-interval", k, "--reweight-backprop-steps", b,
                                                        "--reweight-chunks", c])
                 for k, b, c in _fields(args.chunk_sweep)]

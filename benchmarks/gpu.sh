@@ -47,24 +47,39 @@ part() {  # part NAME SECONDS COMMAND...: run, append to LOG, cut at SECONDS
   nproc; date -u; } 2>&1 | tee -a "$LOG"
 
 if [ "$QUICK" = 1 ]; then
-  SWEEP=(--sweep 2:1,2:2 --dual-sweep 2:1 --chunk-sweep 2:2:2 --adam-sweep 2:1 --no-lookahead --periods 3)
+  SWEEP=(--sweep 2:1,2:2 --replay-sweep 2:2 --dual-sweep 2:1 --chunk-sweep 2:2:2 --adam-sweep 2:1 --no-lookahead
+         --periods 3)
   SWEEP16=(--sweep 2:1 --dual-sweep '' --chunk-sweep '' --adam-sweep '' --no-lookahead --periods 3)
   PAIR=(--sweep 2:2 --dual-sweep '' --chunk-sweep '' --adam-sweep '' --no-lookahead --periods 3)
   LONG=(--sweep 3:2 --dual-sweep '' --chunk-sweep '' --adam-sweep '')
-  INTERVAL=3 BREAK_UPDATES=10 UPDATES=12 LOG_INTERVAL=4
+  INTERVAL=3 BREAK_UPDATES=10 UPDATES=24 LOG_INTERVAL=8  # the teacher fine-tune: one meta-update (K = 20)
 else
   # each run times lcm(K) updates per configuration: K = 50 and the look-ahead go separately
-  SWEEP=(--sweep 20:2,20:5 --dual-sweep 20:2 --chunk-sweep 20:5:2 --adam-sweep 20:2 --no-lookahead --periods 3)
+  SWEEP=(--sweep 20:2,20:5 --replay-sweep 20:2 --dual-sweep 20:2 --chunk-sweep 20:5:2 --adam-sweep 20:2 --no-lookahead
+         --periods 3)
   SWEEP16=(--sweep 20:2,20:5 --dual-sweep '' --chunk-sweep '' --adam-sweep '' --no-lookahead --periods 3)
-  PAIR=(--sweep 20:2 --dual-sweep '' --chunk-sweep '' --adam-sweep '' --no-lookahead --periods 3)
+  PAIR=(--sweep 20:2 --replay-sweep 20:2 --dual-sweep '' --chunk-sweep '' --adam-sweep '' --no-lookahead --periods 3)
   LONG=(--sweep 50:5 --dual-sweep '' --chunk-sweep '' --adam-sweep '')
   INTERVAL=10 BREAK_UPDATES=71 UPDATES=200 LOG_INTERVAL=100
 fi
 
+# 0. the replay of an --fp16 (or --bf16) step runs its dropout in fp32: it keeps the step's masks only
+# if the fused kernel draws the same mask for a half and a float tensor of one shape from one seed
+[ "$QUICK" = 1 ] || part dropout-masks 30 $PY -c "
+import torch
+for shape in [(4096, 512), (37, 29, 512), (1001, 7)]:
+    masks = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        torch.manual_seed(0)
+        masks.append(torch.native_dropout(torch.ones(shape, device='cuda', dtype=dtype), 0.3, True)[1])
+    print(shape, 'fp16 mask == fp32 mask:', torch.equal(masks[0], masks[1]),
+          '| bf16 mask == fp32 mask:', torch.equal(masks[0], masks[2]))
+"
 # 1. the goal's figures: time and peak memory per update against plain fairseq, fp32 then fp16
 # (limits from an H200, 2026-12-04: about 9 s to build a configuration and 60-150 ms an update)
 part cost-fp32 130 $PY benchmarks/cost.py "$DATA" "${MODEL[@]}" "${SWEEP[@]}"
-# plain and K = 20, B = 2 in turns: ordinary updates against plain's, and a meta-update in plain updates
+# plain and K = 20, B = 2 in turns (kept newest step, and replayed): ordinary updates against plain's, and
+# a meta-update in plain updates
 part cost-fp32-interleaved 60 $PY benchmarks/cost.py "$DATA" "${MODEL[@]}" "${PAIR[@]}" --interleave
 if [ "$QUICK" != 1 ]; then  # --fp16 needs a GPU here
   part cost-fp16 80 $PY benchmarks/cost.py "$DATA" "${MODEL[@]}" --fp16 "${SWEEP16[@]}"

@@ -5,9 +5,11 @@ Trains with this method through fairseq's Trainer (same flags as ``cost.py``) an
 meta-update, the validation gradient, each replayed step's Hessian-vector products (by double
 backward, or with ``--reweight-hvp forward-over-reverse`` by a backward pass at dual numbers) and
 the oldest replayed step by forward-mode AD (``teacher_grad_only``), and the whole meta-update,
-against the mean time of a training step without a meta-update. The time per update of K=k, B=b is
-then about ``1 + (validation + (b - 1) x replayed step + forward-mode + the rest) / k`` training
-steps.
+against the mean time of a training step without a meta-update; the update before a meta-update,
+which keeps its gradient's graph for it (``--reweight-newest-step kept``, the default), is timed
+apart, and with it the newest step's products from that graph. The time per update of K=k, B=b is
+then about ``1 + (validation + (b - 1) x replayed step + forward-mode + the rest + what the kept
+update costs more) / k`` training steps (with a kept newest step, one of the b - 1 is the kept one).
 
     python benchmarks/meta_breakdown.py DATA_BIN --arch transformer_iwslt_de_en --max-tokens 4096   # GPU
     python benchmarks/meta_breakdown.py DATA_BIN --preset cpu-small [--reweight-hvp forward-over-reverse]
@@ -59,6 +61,7 @@ def main():
     for hvp in gradients.HVP:  # the one --reweight-hvp picks (default: double-backward)
         gradients.HVP[hvp] = timed(gradients.HVP[hvp], f"replayed step, {hvp}")
     reverse.teacher_vjp = timed(reverse.teacher_vjp, "oldest replayed step, forward-mode")
+    reverse.kept_gradient_vjp = timed(reverse.kept_gradient_vjp, "newest step from its kept graph")
     profiles, profiled_at = [], []  # the profiles, and which meta-updates they were (by index)
     whole = {}  # the driver's whole meta-update, to show what the parts above leave out
     if args.profile:
@@ -84,7 +87,7 @@ def main():
     trainer, _, _ = cost.build(args.data, flags)
     epoch = 1
     itr = trainer.get_train_iterator(epoch=epoch, load_dataset=False).next_epoch_itr(shuffle=True)
-    steps = []
+    steps, before_meta = [], []  # the updates before a meta-update keep their graph (--reweight-newest-step)
     for update in range(args.updates):
         try:
             sample = next(itr)
@@ -100,11 +103,13 @@ def main():
             torch.cuda.synchronize()
         # a meta-update runs before the first micro-batch of updates K, 2K, ...; skip warm-up
         if update > args.interval and update % args.interval != 0:
-            steps.append(time.perf_counter() - start)
+            (before_meta if (update + 1) % args.interval == 0 else steps).append(time.perf_counter() - start)
     step = sum(steps) / len(steps)
+    extra = sum(before_meta) / len(before_meta) - step  # what the update before a meta-update costs more
     device = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"device: {device}; torch {torch.__version__}; K={args.interval}, B={args.backprop_steps}")
-    print(f"training step without a meta-update: {1000 * step:.1f} ms (mean of {len(steps)})")
+    print(f"training step without a meta-update: {1000 * step:.1f} ms (mean of {len(steps)}; the update before a "
+          f"meta-update: {1000 * (step + extra):.1f} ms, mean of {len(before_meta)})")
     total = 0.0
     for label, values in times.items():
         mean, count = steady_mean(values)
@@ -118,7 +123,8 @@ def main():
     print(f"{'the whole meta-update':<36} {1000 * mean:8.1f} ms = {mean / step:5.2f} training steps (mean of "
           f"{count}; besides the parts: the replay's set-up, the checks of the records and of the "
           "validation gradient, the optimizer's reverse steps, the teacher's update)")
-    print(f"at K=20: {1 + mean / step / 20:.2f}x a training step without a meta-update")
+    print(f"at K=20: {1 + (mean + extra) / step / 20:.2f}x a training step without a meta-update (the whole "
+          "meta-update and what the update before it costs more)")
     for prof in profiles:
         sort = "self_device_time_total" if cuda else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=args.profile))
