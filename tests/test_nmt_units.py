@@ -187,3 +187,27 @@ def test_coalesced_all_reduce_flattens_per_dtype_and_bucket_and_copies_back():
     assert calls == [(torch.float32, 24), (torch.float64, 7), (torch.float32, 30), (torch.float32, 6)]
     for tensor, old in zip(tensors, before):
         torch.testing.assert_close(tensor, 2 * old, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change, kept", [
+    ({}, True),
+    ({"update_num": 3}, False),  # not the update before a meta-update (K = 3: updates 2, 5, ...)
+    ({"one_micro_batch": False}, False),  # --update-freq > 1: the graph would be part of the update
+    ({"ignore_grad": True}, False),
+    ({"reweight_chunks": 2}, False),
+    ({"reweight_backprop_steps": 1}, False),  # the newest step is the forward-mode oldest one
+    ({"reweight_newest_step": "replay"}, False),
+    ({"fp16": True}, False),  # FP16Optimizer steps fp32 masters, not the model's parameters
+    ({"wrapped": True}, False),  # a data-parallel wrapper around the model
+])
+def test_the_update_before_a_meta_update_keeps_its_graph_only_where_it_is_the_whole_update(change, kept):
+    driver, model = _driver(), torch.nn.Linear(2, 1)
+    driver.cfg.reweight_newest_step = change.get("reweight_newest_step", "kept")
+    driver.cfg.reweight_chunks = change.get("reweight_chunks", 1)
+    driver.cfg.reweight_backprop_steps = change.get("reweight_backprop_steps", 2)
+    optimizer = _sgd(model.parameters())
+    if change.get("fp16"):
+        optimizer = SimpleNamespace(fp32_optimizer=optimizer)
+    wrapped = SimpleNamespace(module=model) if change.get("wrapped") else model
+    assert driver.keeps_step(wrapped, optimizer, change.get("update_num", 5), change.get("ignore_grad", False),
+                             change.get("one_micro_batch", True)) is kept
