@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU figures of README "Benchmarks" and examples/iwslt14/README.md in one script that fits a
-# 15-minute lease of one GPU (about 7 minutes of parts): cost.py at transformer_iwslt_de_en (fp32 and
-# fp16), meta_breakdown.py with each Hessian-vector product, and short real fine-tunes (updates/s of
-# the baseline and the teacher; the teacher under --bf16).
+# The GPU figures of README "Benchmarks" and examples/iwslt14/README.md in one script for a
+# 15-minute lease of one GPU (8-9 minutes expected; the parts' limits add up to 11, most important
+# first): cost.py at transformer_iwslt_de_en (fp32 and fp16), meta_breakdown.py with each
+# Hessian-vector product, and short real fine-tunes (updates/s of the baseline and the teacher; the
+# teacher under --bf16).
 #
 #   benchmarks/gpu.sh DATA_BIN LOG
 #
@@ -77,14 +78,14 @@ for shape in [(4096, 512), (37, 29, 512), (1001, 7)]:
 "
 # 1. the goal's figures: time and peak memory per update against plain fairseq, fp32 then fp16
 # (limits from an H200, 2026-12-04: about 9 s to build a configuration and 60-150 ms an update)
-part cost-fp32 130 $PY benchmarks/cost.py "$DATA" "${MODEL[@]}" "${SWEEP[@]}"
+part cost-fp32 170 $PY benchmarks/cost.py "$DATA" "${MODEL[@]}" "${SWEEP[@]}"
 # plain and K = 20, B = 2 in turns (kept newest step, and replayed): ordinary updates against plain's, and
 # a meta-update in plain updates
-part cost-fp32-interleaved 60 $PY benchmarks/cost.py "$DATA" "${MODEL[@]}" "${PAIR[@]}" --interleave
+part cost-fp32-interleaved 90 $PY benchmarks/cost.py "$DATA" "${MODEL[@]}" "${PAIR[@]}" --interleave
 if [ "$QUICK" != 1 ]; then  # --fp16 needs a GPU here
   part cost-fp16 80 $PY benchmarks/cost.py "$DATA" "${MODEL[@]}" --fp16 "${SWEEP16[@]}"
 fi
-part cost-fp32-long 90 $PY benchmarks/cost.py "$DATA" "${MODEL[@]}" "${LONG[@]}"
+part cost-fp32-long 75 $PY benchmarks/cost.py "$DATA" "${MODEL[@]}" "${LONG[@]}"
 # 2. where a meta-update's time goes on this device, with each Hessian-vector product
 part breakdown 40 $PY benchmarks/meta_breakdown.py "$DATA" "${MODEL[@]}" --interval $INTERVAL \
   --updates $BREAK_UPDATES
