@@ -105,7 +105,8 @@ def main():
         if update > args.interval and update % args.interval != 0:
             (before_meta if (update + 1) % args.interval == 0 else steps).append(time.perf_counter() - start)
     step = sum(steps) / len(steps)
-    extra = sum(before_meta) / len(before_meta) - step  # what the update before a meta-update costs more
+    # what the update before a meta-update costs more (none timed: fewer than 2K updates)
+    extra = sum(before_meta) / len(before_meta) - step if before_meta else 0.0
     device = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"device: {device}; torch {torch.__version__}; K={args.interval}, B={args.backprop_steps}")
     print(f"training step without a meta-update: {1000 * step:.1f} ms (mean of {len(steps)}; the update before a "

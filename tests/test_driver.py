@@ -103,8 +103,8 @@ def test_the_kept_newest_step_gives_the_replays_meta_updates(tiny_data_bin, tmp_
     assert len(used) == 2  # the meta-updates at 3 and 6, from the graphs of updates 2 and 5
     assert logs["kept"] == logs["replay"]
     assert logs["kept"][-1][1] is not None
-    kept_model, kept_teacher = _state(tmp_path / "kept" / "checkpoint_last.pt")
-    replay_model, replay_teacher = _state(tmp_path / "replay" / "checkpoint_last.pt")
+    kept_model, _ = _state(tmp_path / "kept" / "checkpoint_last.pt")
+    replay_model, _ = _state(tmp_path / "replay" / "checkpoint_last.pt")
     for key in kept_model:
         torch.testing.assert_close(kept_model[key], replay_model[key], rtol=1e-4, atol=1e-6)
 

@@ -19,8 +19,7 @@ from fairseq_reweight.core.gradients import KeptStep
 from fairseq_reweight.core.teacher import apply_teacher_gradient
 from fairseq_reweight.nmt.fairseq_contract import inner_optimizer, unwrap_model
 from fairseq_reweight.nmt.recorder import StepRecorder
-from fairseq_reweight.nmt.replay import (check_in_sync, check_skips, data_parallel, meta_gradient, replay_session,
-                                         sample_size)
+from fairseq_reweight.nmt.replay import check_in_sync, check_skips, data_parallel, meta_gradient, replay_session
 from fairseq_reweight.nmt.weigher import TokenWeigher
 
 
@@ -87,7 +86,8 @@ class ReweightDriver(nn.Module):
         for the next meta-update. The forward runs at copies of the parameters (the optimizer steps
         them in place, which the graph must not see) and at teacher leaves, under the math attention
         kernel (the fused ones have no double backward); the gradient goes to ``p.grad`` as
-        ``loss.backward()`` would put it."""
+        ``loss.backward()`` would put it. The update being this one micro-batch, the trainer divides
+        its gradient by this micro-batch's sample size: the kept graph's scale."""
         model.train()
         model.set_num_updates(update_num)
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -99,19 +99,18 @@ class ReweightDriver(nn.Module):
         for (_, p), grad in zip(named, grads):
             if grad is not None:
                 p.grad = grad.detach().clone() if p.grad is None else p.grad.add_(grad.detach())
-        self.kept = (update_num, KeptStep(leaves, list(omega.values()), grads))
+        self.kept = (update_num, KeptStep(leaves, list(omega.values()), grads, 1.0 / (float(size) or 1.0)))
         return loss.detach(), size, logging_output
 
-    def _kept_for(self, steps, criterion):
-        """The kept graph if it is the newest step's (the update just taken, whole), scaled as the
-        trainer scaled its gradient; else None (the step is replayed)."""
+    def _kept_for(self, steps):
+        """The kept graph if it is the newest step's (the update just taken, whole); else None (the
+        step is replayed)."""
         if self.kept is None:
             return None
         update_num, kept = self.kept
         data = steps[-1].data
         if data.update_num != update_num or len(data.micro_batches) != 1 or data.micro_batches[0][1]:
             return None
-        kept.scale = 1.0 / (float(sample_size(data.micro_batches[0][0], criterion)) or 1.0)
         return kept
 
     def observe(self, logging_output):
@@ -135,8 +134,7 @@ class ReweightDriver(nn.Module):
             sample = next(self._meta_valid_iter)  # inside: a new epoch draws from torch's global RNG
             self.meta_valid_consumed += 1
             val_loss, grads = meta_gradient(replay, steps, sample, self.cfg.reweight_history, self.cfg.reweight_hvp,
-                                           self.cfg.meta_valid_params, self._kept_for(steps, criterion))
-        self.kept = None
+                                           self.cfg.meta_valid_params, self._kept_for(steps))
         self.consecutive_skips = 0 if grads is not None else self.consecutive_skips + 1
         if grads is None:  # keep the teacher as it was; the count is logged with every update from now on
             self.meta_skipped += 1
