@@ -19,7 +19,8 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from fairseq.logging import metrics
 
-from fairseq_reweight.nmt.fairseq_contract import unwrap_model
+from fairseq_reweight.core.losses import smoothed_nll_from_logits
+from fairseq_reweight.nmt.fairseq_contract import logits_are_log_softmax_input, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -62,26 +63,27 @@ class ReweightedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self.weight_fn = None
+        self.weight_fn_reads_lprobs = True  # False: weight_fn takes lprobs=None (set with weight_fn)
+        # the loss from the logits (a kept or replayed step's lean graph) where it is fairseq's; off,
+        # fairseq's own formulation, e.g. for the oracle, which is then the baseline bit for bit
+        self.loss_from_logits = False
 
     def forward(self, model, sample, reduce=True, teacher_params=None):
         if self.weight_fn is None or not model.training:
             return super().forward(model, sample, reduce=reduce)
         with capture_encoder_out(model) as captured:
             net_output = model(**sample["net_input"])
-        lprobs = model.get_normalized_probs(net_output, log_probs=True)  # B x T x V
         target = model.get_targets(sample, net_output)  # B x T
+        # B x T x V, only where something reads it: the loss is taken from the logits where it can be
+        lprobs = None
+        if not self._from_logits(model) or self.weight_fn_reads_lprobs or self.report_accuracy:
+            lprobs = model.get_normalized_probs(net_output, log_probs=True)
         weights, raw = self.weight_fn(sample, captured["encoder_out"], net_output, lprobs, teacher_params)
+        token_loss, token_nll = self.token_losses(model, net_output, sample, self.eps, lprobs)
         if self.ignore_prefix_size > 0:
-            lprobs = lprobs[:, self.ignore_prefix_size :, :]
+            lprobs = None if lprobs is None else lprobs[:, self.ignore_prefix_size :, :]
             target = target[:, self.ignore_prefix_size :]
             weights = weights[:, self.ignore_prefix_size :]
-        token_loss, token_nll = label_smoothed_nll_loss(
-            lprobs.reshape(-1, lprobs.size(-1)),
-            target.reshape(-1),
-            self.eps,
-            ignore_index=self.padding_idx,
-            reduce=False,
-        )
         loss = (token_loss.view(-1) * weights.reshape(-1).to(token_loss.dtype)).sum()
         nll_loss = token_nll.sum()
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
@@ -103,6 +105,27 @@ class ReweightedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             ).sum().item()
             logging_output["total"] = mask.sum().item()
         return loss, sample_size, logging_output
+
+    def token_losses(self, model, net_output, sample, epsilon: float, lprobs=None):
+        """Flat per-token ``(loss, nll)`` of fairseq's ``label_smoothed_nll_loss(..., reduce=False)``
+        with ``epsilon`` (0: the loss is the NLL), 0 on padding, past ``--ignore-prefix-size``; only
+        the loss is differentiable. From the logits (:func:`smoothed_nll_from_logits`: the same values
+        with a leaner graph, which is what a kept or replayed step's memory is mostly made of) where
+        fairseq's log-probabilities are their log-softmax and :attr:`loss_from_logits` is set, else from
+        ``lprobs`` (computed if None)."""
+        target = model.get_targets(sample, net_output)[:, self.ignore_prefix_size :].reshape(-1)
+        if self._from_logits(model):
+            logits = net_output[0][:, self.ignore_prefix_size :, :]
+            return smoothed_nll_from_logits(logits.reshape(-1, logits.size(-1)), target, epsilon, self.padding_idx)
+        if lprobs is None:
+            lprobs = model.get_normalized_probs(net_output, log_probs=True)
+        lprobs = lprobs[:, self.ignore_prefix_size :, :]
+        loss, nll = label_smoothed_nll_loss(lprobs.reshape(-1, lprobs.size(-1)), target, epsilon,
+                                            ignore_index=self.padding_idx, reduce=False)
+        return loss.view(-1), nll.view(-1).detach()
+
+    def _from_logits(self, model) -> bool:
+        return self.loss_from_logits and logits_are_log_softmax_input(model)
 
     def load_state_dict(self, state_dict, strict=True, **kwargs):
         """A checkpoint without a teacher (e.g. pretrained with plain fairseq, or fine-tuned with

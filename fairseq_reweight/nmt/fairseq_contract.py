@@ -119,3 +119,22 @@ def decoder_states(net_output) -> Tensor:
     """T x B x C final decoder states: ``net_output[1]["inner_states"][-1]`` of a
     ``TransformerDecoder``."""
     return net_output[1]["inner_states"][-1]
+
+
+def logits_are_log_softmax_input(model) -> bool:
+    """Whether ``model.get_normalized_probs(net_output, log_probs=True)`` is the log-softmax of
+    ``net_output[0]``: the model routes it to its decoder (``BaseFairseqModel``'s and
+    ``TransformerModelBase``'s ``get_normalized_probs``, ``BaseFairseqModel``'s scriptable helper)
+    and the decoder is ``FairseqDecoder``'s without an adaptive softmax. Then the loss can be taken
+    from the logits themselves (:mod:`fairseq_reweight.core.losses`)."""
+    from fairseq.models import BaseFairseqModel, FairseqDecoder
+    from fairseq.models.transformer import TransformerModelBase
+
+    inner = unwrap_model(model)
+    decoder = getattr(inner, "decoder", None)
+    routes = (BaseFairseqModel.get_normalized_probs, TransformerModelBase.get_normalized_probs)
+    return (isinstance(decoder, FairseqDecoder) and type(inner).get_normalized_probs in routes
+            and type(inner).get_normalized_probs_scriptable is BaseFairseqModel.get_normalized_probs_scriptable
+            and type(decoder).get_normalized_probs is FairseqDecoder.get_normalized_probs
+            and type(decoder).get_normalized_probs_scriptable is FairseqDecoder.get_normalized_probs_scriptable
+            and getattr(decoder, "adaptive_softmax", None) is None)

@@ -138,17 +138,15 @@ class Replay:
         model = self.student.replay_model
         model.eval()
         size = self.validation_size(sample) if size is None else size
-        if self.valid_loss == "criterion":
-            return self._loss(sample, params) / size
         criterion = contract.unwrap_model(self.criterion)
-        token_mean = self.valid_loss == "nll"
+        epsilon = criterion.eps if self.valid_loss == "criterion" else 0.0  # 0: the loss is the NLL
         with substitute_parameters(model, self.student.param_dict(params)):
             net_output = model(**sample["net_input"])
-            nll = criterion.compute_loss(model, net_output, sample, reduce=token_mean)[1]  # 0 on padding
-        if token_mean:
-            return nll / size
+            token_loss = criterion.token_losses(model, net_output, sample, epsilon)[0]  # 0 on padding
+        if self.valid_loss != "sentence-nll":
+            return token_loss.sum() / size
         target = sample["target"][:, criterion.ignore_prefix_size:]
-        per_sentence = nll.view(target.shape).sum(1) / target.ne(criterion.padding_idx).sum(1).clamp_min(1)
+        per_sentence = token_loss.view(target.shape).sum(1) / target.ne(criterion.padding_idx).sum(1).clamp_min(1)
         return per_sentence.sum() / size
 
     def validation_size(self, sample) -> float:

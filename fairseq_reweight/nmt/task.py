@@ -222,6 +222,8 @@ class ReweightTranslationTask(TranslationTask):
         self.driver = ReweightDriver(self.cfg, weigher, self.meta_valid_batches, monitor)
         criterion.reweight = self.driver  # checkpointed with the criterion (see driver.py)
         criterion.weight_fn = self.driver.token_weights
+        criterion.weight_fn_reads_lprobs = bool(weigher.columns)
+        criterion.loss_from_logits = True
         return criterion
 
     def _attach_oracle(self, criterion):

@@ -77,7 +77,7 @@ class TokenWeigher(nn.Module):
                 p.data = p.data.float()
         return self
 
-    def forward(self, sample, encoder_out, net_output, lprobs: Tensor, state: TrainingState,
+    def forward(self, sample, encoder_out, net_output, lprobs: Optional[Tensor], state: TrainingState,
                 params: Optional[Dict[str, Tensor]] = None):
         target = sample["target"]  # B x T
         mask = target.ne(self.pad)
@@ -100,7 +100,8 @@ class TokenWeigher(nn.Module):
         return normalize_weights(raw, mask), raw * mask_f
 
     def dense_features(self, encoder_out, net_output, lprobs, target, state: TrainingState) -> Optional[Tensor]:
-        """B x T x d teacher input (None for a label-only teacher)."""
+        """B x T x d teacher input (None for a label-only teacher); ``lprobs`` (B x T x V) may be None
+        when there are no surface features (``self.columns``)."""
         bsz, tgt_len = target.shape
         states = []
         if "encoder" in self.features:
@@ -111,7 +112,8 @@ class TokenWeigher(nn.Module):
             states.append(pooled.unsqueeze(1).expand(bsz, tgt_len, -1))
         if "decoder" in self.features:
             states.append(decoder_states(net_output).transpose(0, 1))  # B x T x C
-        dtype = torch.promote_types(lprobs.dtype, torch.float32)  # fp16 -> fp32; a float64 check stays float64
+        scores = net_output[0] if lprobs is None else lprobs
+        dtype = torch.promote_types(scores.dtype, torch.float32)  # fp16 -> fp32; a float64 check stays float64
         surface = surface_features(lprobs.to(dtype), target, state, self.columns) if self.columns else None
         dense = teacher_inputs(states, surface, dtype)
         return dense if dense is None or self.features_grad else dense.detach()
