@@ -13,11 +13,18 @@ update costs more) / k`` training steps (with a kept newest step, one of the b -
 
     python benchmarks/meta_breakdown.py DATA_BIN --arch transformer_iwslt_de_en --max-tokens 4096   # GPU
     python benchmarks/meta_breakdown.py DATA_BIN --preset cpu-small [--reweight-hvp forward-over-reverse]
+    python benchmarks/meta_breakdown.py DATA_BIN --preset cpu-small --memory   # also each part's peak memory
+
+``--memory`` also prints each part's peak memory over the memory before the model was built: on the
+CPU the resident set, sampled every millisecond in a thread (which perturbs the timings a little;
+memory the allocator keeps after a part is counted in later parts, so training steps are given
+before the first meta-update too), on a GPU ``torch.cuda.max_memory_allocated``.
 """
 import argparse
 import logging
 import os
 import sys
+import threading
 import time
 
 import torch
@@ -32,6 +39,53 @@ def steady_mean(values):
     return sum(values) / len(values), len(values)
 
 
+class PartPeaks:
+    """Peak memory while each labelled part runs, parts nested (a meta-update inside an update):
+    every part on the stack sees what its inner parts saw."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.peaks, self.stack = cuda, {}, []
+        self.base = torch.cuda.memory_allocated() if cuda else cost.PeakRSS.rss()
+        self._stop = threading.Event()
+        if not cuda:
+            threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self._note(cost.PeakRSS.rss())
+
+    def _note(self, value):
+        for label in list(self.stack):
+            self.peaks[label] = max(self.peaks.get(label, 0), value - self.base)
+
+    def wrap(self, function, label):
+        def wrapper(*args, **kwargs):
+            if self.cuda:  # what the parts on the stack saw so far, before the peak counter restarts
+                torch.cuda.synchronize()
+                self._note(torch.cuda.max_memory_allocated())
+                torch.cuda.reset_peak_memory_stats()
+            self.stack.append(label)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                if self.cuda:
+                    torch.cuda.synchronize()
+                    self._note(torch.cuda.max_memory_allocated())
+                else:
+                    self._note(cost.PeakRSS.rss())
+                self.stack.pop()
+
+        return wrapper
+
+    def report(self, reference: str):
+        self._stop.set()
+        kind = "max_memory_allocated" if self.cuda else "peak RSS"
+        print(f"peak memory by part ({kind} over the memory before the model was built; x that of {reference}):")
+        ref = self.peaks.get(reference) or 1
+        for label, peak in self.peaks.items():
+            print(f"  {label:<52} {peak / 2**20:8.0f} MiB  {peak / ref:5.2f}x")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data")
@@ -42,6 +96,7 @@ def main():
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also print the N operators with the most self time in the third meta-update "
                         "(torch.profiler; that meta-update is left out of the timings)")
+    parser.add_argument("--memory", action="store_true", help="also print each part's peak memory")
     args, model_flags = parser.parse_known_args()
     if args.preset == "cpu-small":
         model_flags = cost.CPU_SMALL + model_flags
@@ -81,6 +136,15 @@ def main():
 
         ReweightDriver.meta_update = profiled
     ReweightDriver.meta_update = cost.timed(ReweightDriver.meta_update, "meta-update", whole, cuda)
+    peaks = PartPeaks(cuda) if args.memory else None
+    if peaks is not None:
+        replay.Replay.validation_gradient = peaks.wrap(replay.Replay.validation_gradient, "validation gradient")
+        for hvp in gradients.HVP:
+            gradients.HVP[hvp] = peaks.wrap(gradients.HVP[hvp], f"replayed step, {hvp}")
+        reverse.teacher_vjp = peaks.wrap(reverse.teacher_vjp, "oldest replayed step, forward-mode")
+        reverse.kept_gradient_vjp = peaks.wrap(reverse.kept_gradient_vjp, "newest step from its kept graph")
+        ReweightDriver.meta_update = peaks.wrap(ReweightDriver.meta_update, "the whole meta-update")
+    first_steps = "a training step before the first meta-update"
 
     flags = cost.training_flags(model_flags)[1] + ["--reweight-interval", str(args.interval),
                                                     "--reweight-backprop-steps", str(args.backprop_steps)]
@@ -98,7 +162,13 @@ def main():
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        trainer.train_step([sample])
+        if peaks is None:
+            trainer.train_step([sample])
+        else:
+            label = (first_steps if update < args.interval else "the update that keeps its graph"
+                     if (update + 1) % args.interval == 0 else "an update with a meta-update"
+                     if update % args.interval == 0 else "a later training step")
+            peaks.wrap(trainer.train_step, label)([sample])
         if cuda:
             torch.cuda.synchronize()
         # a meta-update runs before the first micro-batch of updates K, 2K, ...; skip warm-up
@@ -126,6 +196,8 @@ def main():
           "validation gradient, the optimizer's reverse steps, the teacher's update)")
     print(f"at K=20: {1 + (mean + extra) / step / 20:.2f}x a training step without a meta-update (the whole "
           "meta-update and what the update before it costs more)")
+    if peaks is not None:
+        peaks.report(first_steps)
     for prof in profiles:
         sort = "self_device_time_total" if cuda else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=args.profile))
