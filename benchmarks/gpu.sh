@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of README "Benchmarks" and examples/iwslt14/README.md in one script for a
-# 15-minute lease of one GPU (8-9 minutes expected; the parts' limits add up to 11, most important
-# first): cost.py at transformer_iwslt_de_en (fp32 and fp16), meta_breakdown.py with each
+# 15-minute lease of one GPU (8-9 minutes expected; the parts' limits add up to 12, most important
+# first): checks of the dropout masks and of the loss from the logits on the device, cost.py at
+# transformer_iwslt_de_en (fp32 and fp16), meta_breakdown.py with each
 # Hessian-vector product, and short real fine-tunes (updates/s of the baseline and the teacher; the
 # teacher under --bf16).
 #
@@ -75,6 +76,26 @@ for shape in [(4096, 512), (37, 29, 512), (1001, 7)]:
         masks.append(torch.native_dropout(torch.ones(shape, device='cuda', dtype=dtype), 0.3, True)[1])
     print(shape, 'fp16 mask == fp32 mask:', torch.equal(masks[0], masks[1]),
           '| bf16 mask == fp32 mask:', torch.equal(masks[0], masks[2]))
+"
+# the loss from the logits (core/losses.py) on this device: its gradient and Hessian-vector product
+# against autograd through fairseq's formulation, float64 and float32
+[ "$QUICK" = 1 ] || part losses-cuda 30 $PY -c "
+import torch
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+from fairseq_reweight.core.losses import smoothed_nll_from_logits
+for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+    z = torch.randn(3000, 10000, device='cuda', dtype=dtype, requires_grad=True)
+    y = torch.randint(0, 10000, (3000,), device='cuda'); y[::7] = 1
+    w, u = torch.rand(3000, device='cuda', dtype=dtype), torch.randn_like(z)
+    out = []
+    for ours in (True, False):
+        l = smoothed_nll_from_logits(z, y, 0.1, 1)[0] if ours else label_smoothed_nll_loss(
+            torch.log_softmax(z, -1), y[:, None], 0.1, ignore_index=1, reduce=False)[0].view(-1)
+        g, = torch.autograd.grad((l * w).sum(), z, create_graph=True)
+        out.append((g.detach(), torch.autograd.grad((g * u).sum(), z)[0]))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    print(dtype, 'gradient and HVP from the logits == fairseq formulation on', torch.cuda.get_device_name())
 "
 # 1. the goal's figures: time and peak memory per update against plain fairseq, fp32 then fp16
 # (limits from an H200, 2026-12-04: about 9 s to build a configuration and 60-150 ms an update)

@@ -36,6 +36,27 @@ class _Holder(torch.nn.Module):
         self.module = module
 
 
+def test_the_process_group_that_fairseq_leaves_is_destroyed_at_exit(tmp_path, monkeypatch):
+    import torch.distributed as dist
+    from fairseq import distributed_utils
+
+    assert "destroy_process_group" not in inspect.getsource(distributed_utils)  # fairseq 0.12 never does
+    handlers = []
+    monkeypatch.setattr(contract, "_EXIT_HANDLER", [])
+    monkeypatch.setattr(contract.atexit, "register", lambda fn: handlers.append(fn) or fn)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        contract.destroy_process_group_at_exit()
+        contract.destroy_process_group_at_exit()
+        assert len(handlers) == 1
+        handlers[0]()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    handlers[0]()  # nothing left to destroy: no error
+
+
 def test_the_trainer_seeds_with_seed_plus_num_updates():
     fake = SimpleNamespace(cfg=SimpleNamespace(common=SimpleNamespace(seed=5)), get_num_updates=lambda: 7)
     Trainer._set_seed(fake)

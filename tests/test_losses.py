@@ -3,8 +3,10 @@ reverse loop takes of it (first, second, forward mode, forward-over-reverse) is 
 fairseq's formulation; the criterion takes it from the logits only where that is the same loss."""
 import pytest
 import torch
+from fairseq import options, tasks
 from fairseq import utils as fairseq_utils
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from fairseq_helpers import REWEIGHT, TINY_TRANSFORMER
 from fairseq_reweight.core import math_attention
@@ -84,9 +86,6 @@ def test_half_and_float_logits_give_a_float32_loss_and_a_gradient_in_their_dtype
 
 
 def _setup(data, extra=()):
-    from fairseq import options, tasks
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-
     args = options.parse_args_and_arch(options.get_training_parser(), [data] + TINY_TRANSFORMER + REWEIGHT
                                        + ["--lr", "0.01", "--momentum", "0.9", "--label-smoothing", "0.1"]
                                        + list(extra))

@@ -37,8 +37,13 @@ def _probs(logits: Tensor) -> Tensor:
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """``<a_n, b_n>`` for every row n, without an N x V temporary."""
-    return torch.bmm(a.unsqueeze(1), b.to(a.dtype).unsqueeze(2)).view(-1)
+    """``<a_n, b_n>`` for every row n: on the CPU as a batched matrix product, without an N x V
+    temporary; elsewhere as a product and a sum (a GPU's caching allocator makes the temporary
+    cheap, and a float32 matrix product there may run in TF32 when the user allows it)."""
+    b = b.to(a.dtype)
+    if a.device.type == "cpu":
+        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+    return (a * b).sum(-1)
 
 
 def _target_dot(values: Tensor, target: Tensor, epsilon: float) -> Tensor:

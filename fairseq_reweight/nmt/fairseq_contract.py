@@ -5,6 +5,7 @@ document as API. Each function below names the fairseq code it mirrors, and
 ``tests/test_fairseq_contract.py`` pins each one against the installed fairseq, so that a fairseq
 upgrade that changes any of them fails there, loudly, instead of giving a wrong hypergradient.
 """
+import atexit
 import importlib.util
 from typing import Dict, List, Optional, Tuple
 
@@ -138,3 +139,21 @@ def logits_are_log_softmax_input(model) -> bool:
             and type(decoder).get_normalized_probs is FairseqDecoder.get_normalized_probs
             and type(decoder).get_normalized_probs_scriptable is FairseqDecoder.get_normalized_probs_scriptable
             and getattr(decoder, "adaptive_softmax", None) is None)
+
+
+_EXIT_HANDLER = []
+
+
+def destroy_process_group_at_exit() -> None:
+    """fairseq 0.12's ``distributed_utils.call_main`` never destroys the process group it creates. At
+    interpreter exit gloo's worker threads may then still hold tensors and abort the process
+    ("terminate called without an active exception", exit status -6, after a finished run; see
+    pytorch/pytorch#190489). Registered once: destroys the default group, if any, while the
+    interpreter is still whole."""
+    if not _EXIT_HANDLER:
+        _EXIT_HANDLER.append(atexit.register(_destroy_default_group))
+
+
+def _destroy_default_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -27,7 +27,7 @@ from fairseq_reweight.core import math_attention
 from fairseq_reweight.core.checks import check_schedule
 from fairseq_reweight.core.errors import ReweightConfigError, install_excepthook
 from fairseq_reweight.nmt.driver import ReweightDriver
-from fairseq_reweight.nmt.fairseq_contract import batch_rows, bf16_without_tpu
+from fairseq_reweight.nmt.fairseq_contract import batch_rows, bf16_without_tpu, destroy_process_group_at_exit
 from fairseq_reweight.nmt.optimizer import check_teacher_optimizer
 from fairseq_reweight.nmt.weigher import ALL_FEATURES, TokenWeigher, parse_features
 
@@ -172,6 +172,7 @@ class ReweightTranslationTask(TranslationTask):
     @classmethod
     def setup_task(cls, cfg: ReweightTranslationConfig, **kwargs):
         install_excepthook()  # a ReweightConfigError reaching fairseq-train's top prints one line
+        destroy_process_group_at_exit()
         for path in (cfg.data or "").split(os.pathsep):
             if not os.path.isdir(path):
                 raise ReweightConfigError(
