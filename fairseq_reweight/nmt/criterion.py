@@ -55,9 +55,11 @@ class ReweightedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     -> (w, raw)`` with ``w`` (B x T) normalised weights and ``raw`` (B x T) the teacher's
     unnormalised weights, both 0 on padding (``raw`` is for logging); ``params`` (the
     ``teacher_params`` of :meth:`forward`) are the teacher parameters to weigh with, None for the
-    teacher's own (a replay passes fresh leaves). While it is ``None`` the criterion is plain
-    ``label_smoothed_cross_entropy``. Nothing here synchronises with the GPU (no ``.item()``, no
-    boolean indexing): fairseq reduces the logged tensors once per log interval.
+    teacher's own (a replay passes fresh leaves); ``lprobs`` is None where the loss is taken from the
+    logits (:attr:`loss_from_logits`) and :attr:`weight_fn_reads_lprobs` is False. While
+    :attr:`weight_fn` is ``None`` the criterion is plain ``label_smoothed_cross_entropy``. Nothing
+    here synchronises with the GPU (no ``.item()``, no boolean indexing): fairseq reduces the logged
+    tensors once per log interval.
     """
 
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False):
