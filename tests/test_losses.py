@@ -94,8 +94,9 @@ def _setup(data, extra=()):
     return task, task.build_model(cfg.model).double(), task.build_criterion(cfg.criterion).double()
 
 
-def test_the_criterion_takes_the_same_loss_and_hessian_products_from_the_logits(tiny_data_bin, monkeypatch):
-    task, model, criterion = _setup(tiny_data_bin, ["--dropout", "0"])
+@pytest.mark.parametrize("extra", [[], ["--ignore-prefix-size", "1", "--report-accuracy"]], ids=["plain", "prefix"])
+def test_the_criterion_takes_the_same_loss_and_hessian_products_from_the_logits(tiny_data_bin, monkeypatch, extra):
+    task, model, criterion = _setup(tiny_data_bin, ["--dropout", "0"] + extra)
     assert contract.logits_are_log_softmax_input(model)
     task.load_dataset("train")
     sample = next(iter(task.get_batch_iterator(task.dataset("train"), max_tokens=300).next_epoch_itr(shuffle=False)))
@@ -112,7 +113,7 @@ def test_the_criterion_takes_the_same_loss_and_hessian_products_from_the_logits(
         return smoothed_nll_from_logits(*args)
 
     monkeypatch.setattr("fairseq_reweight.nmt.criterion.smoothed_nll_from_logits", counted)
-    results = []
+    results, correct = [], []
     for from_logits in (True, False):
         monkeypatch.setattr("fairseq_reweight.nmt.criterion.logits_are_log_softmax_input", lambda m: from_logits)
         with math_attention():  # the fused CPU kernel has no double backward
@@ -122,9 +123,11 @@ def test_the_criterion_takes_the_same_loss_and_hessian_products_from_the_logits(
         hvp = torch.autograd.grad(dot, params, allow_unused=True)
         results.append((loss.detach(), logging_output["nll_loss"], [g.detach() for g in grads if g is not None],
                         [h for h in hvp if h is not None]))
+        correct.append(logging_output.get("n_correct"))
     assert len(calls) == 1  # the first pass took the loss from the logits, the second fairseq's way
     (loss, nll, grads, hvp), (ref_loss, ref_nll, ref_grads, ref_hvp) = results
     assert len(grads) == len(ref_grads) and len(hvp) == len(ref_hvp) > 0
+    assert correct[0] == correct[1] and (correct[0] is not None) == ("--report-accuracy" in extra)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(nll, ref_nll, rtol=1e-12, atol=1e-12)
     for ours, ref in zip(grads + hvp, ref_grads + ref_hvp):
