@@ -112,11 +112,15 @@ def main():
     def timed(function, label):
         return cost.timed(function, label, times, cuda)
 
-    replay.Replay.validation_gradient = timed(replay.Replay.validation_gradient, "validation gradient")
-    for hvp in gradients.HVP:  # the one --reweight-hvp picks (default: double-backward)
-        gradients.HVP[hvp] = timed(gradients.HVP[hvp], f"replayed step, {hvp}")
-    reverse.teacher_vjp = timed(reverse.teacher_vjp, "oldest replayed step, forward-mode")
-    reverse.kept_gradient_vjp = timed(reverse.kept_gradient_vjp, "newest step from its kept graph")
+    def wrap_parts(wrap):
+        """``wrap(function, label)`` around each part of a meta-update."""
+        replay.Replay.validation_gradient = wrap(replay.Replay.validation_gradient, "validation gradient")
+        for hvp in gradients.HVP:  # the one --reweight-hvp picks (default: double-backward)
+            gradients.HVP[hvp] = wrap(gradients.HVP[hvp], f"replayed step, {hvp}")
+        reverse.teacher_vjp = wrap(reverse.teacher_vjp, "oldest replayed step, forward-mode")
+        reverse.kept_gradient_vjp = wrap(reverse.kept_gradient_vjp, "newest step from its kept graph")
+
+    wrap_parts(timed)
     profiles, profiled_at = [], []  # the profiles, and which meta-updates they were (by index)
     whole = {}  # the driver's whole meta-update, to show what the parts above leave out
     if args.profile:
@@ -138,11 +142,7 @@ def main():
     ReweightDriver.meta_update = cost.timed(ReweightDriver.meta_update, "meta-update", whole, cuda)
     peaks = PartPeaks(cuda) if args.memory else None
     if peaks is not None:
-        replay.Replay.validation_gradient = peaks.wrap(replay.Replay.validation_gradient, "validation gradient")
-        for hvp in gradients.HVP:
-            gradients.HVP[hvp] = peaks.wrap(gradients.HVP[hvp], f"replayed step, {hvp}")
-        reverse.teacher_vjp = peaks.wrap(reverse.teacher_vjp, "oldest replayed step, forward-mode")
-        reverse.kept_gradient_vjp = peaks.wrap(reverse.kept_gradient_vjp, "newest step from its kept graph")
+        wrap_parts(peaks.wrap)
         ReweightDriver.meta_update = peaks.wrap(ReweightDriver.meta_update, "the whole meta-update")
     first_steps = "a training step before the first meta-update"
 

@@ -134,19 +134,15 @@ def test_transformer_outputs_have_the_layout_the_teacher_reads(tiny_data_bin):
 
 
 def test_the_transformers_log_probabilities_are_its_logits_log_softmax_unless_adaptive(tiny_data_bin):
-    _, _, model, _ = _setup(tiny_data_bin)
+    _, task, model, _ = _setup(tiny_data_bin)
     assert contract.logits_are_log_softmax_input(model)
-    net_output = model(**_valid_batch(tiny_data_bin)["net_input"])
+    task.load_dataset("valid")
+    sample = next(iter(task.get_batch_iterator(task.dataset("valid"), max_tokens=200).next_epoch_itr(shuffle=False)))
+    net_output = model(**sample["net_input"])
     torch.testing.assert_close(model.get_normalized_probs(net_output, log_probs=True),
                                torch.log_softmax(net_output[0].float(), -1), rtol=0, atol=0)
     _, _, adaptive, _ = _setup(tiny_data_bin, ["--adaptive-softmax-cutoff", "5"])
     assert adaptive.decoder.adaptive_softmax is not None and not contract.logits_are_log_softmax_input(adaptive)
-
-
-def _valid_batch(data):
-    _, task, _, _ = _setup(data)
-    task.load_dataset("valid")
-    return next(iter(task.get_batch_iterator(task.dataset("valid"), max_tokens=200).next_epoch_itr(shuffle=False)))
 
 
 def test_batch_rows_split_a_collated_batch_into_parts_whose_losses_add_up(tiny_data_bin):

@@ -14,6 +14,8 @@ mode and forward-over-reverse, checked against autograd's in ``tests/test_losses
 The tokens x vocabulary work is done in place where autograd allows it: on the CPU a fresh tensor of
 that size costs more to allocate and touch than the arithmetic on it.
 """
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -63,11 +65,14 @@ def _scaled_p_minus_q(probs: Tensor, target: Tensor, epsilon: float, scale: Tens
     return out.scatter_add_(-1, target.unsqueeze(-1), (-(1.0 - epsilon - eps_i) * scale).unsqueeze(-1))
 
 
-def _jacobian_product(probs: Tensor, vector: Tensor, scale: Tensor) -> Tensor:
+def _jacobian_product(probs: Tensor, vector: Tensor, scale: Tensor, p_dot_vector: Optional[Tensor] = None) -> Tensor:
     """``p * (vector - <p, vector>) * scale[:, None]``: the Jacobian of ``p - q`` times ``vector``
-    (symmetric), scaled per row. Overwrites ``probs`` unless autograd records (a third derivative)."""
+    (symmetric), scaled per row (``p_dot_vector``: ``<p, vector>`` if the caller has it). Overwrites
+    ``probs`` unless autograd records (a third derivative)."""
     vector = vector.to(probs.dtype)
-    out = vector - _row_dot(probs, vector).unsqueeze(-1)
+    if p_dot_vector is None:
+        p_dot_vector = _row_dot(probs, vector)
+    out = vector - p_dot_vector.unsqueeze(-1)
     if torch.is_grad_enabled():
         return out * probs * scale.unsqueeze(-1)
     return out.mul_(probs.mul_(scale.unsqueeze(-1)))
@@ -122,17 +127,19 @@ class _SmoothedNLLGrad(torch.autograd.Function):
         logits, target, keep, grad_loss = ctx.saved_tensors
         probs = _probs(logits)
         upstream = upstream.to(probs.dtype)
-        d_grad_loss = (_row_dot(probs, upstream) - _target_dot(upstream, target, ctx.epsilon)) * keep
-        d_logits = _jacobian_product(probs, upstream, grad_loss * keep)
+        p_dot_upstream = _row_dot(probs, upstream)
+        d_grad_loss = (p_dot_upstream - _target_dot(upstream, target, ctx.epsilon)) * keep
+        d_logits = _jacobian_product(probs, upstream, grad_loss * keep, p_dot_upstream)
         return d_logits.to(logits.dtype), None, None, None, d_grad_loss.to(grad_loss.dtype)
 
     @staticmethod
     def jvp(ctx, logits_tangent, _target, _keep, _epsilon, grad_loss_tangent):
         logits, target, keep, grad_loss = ctx.saved_tensors
-        out = None
+        probs, out = _probs(logits), None
+        if grad_loss_tangent is not None:  # both helpers overwrite probs: a copy when both need it
+            source = probs.clone() if logits_tangent is not None else probs
+            out = _scaled_p_minus_q(source, target, ctx.epsilon, grad_loss_tangent * keep)
         if logits_tangent is not None:
-            out = _jacobian_product(_probs(logits), logits_tangent, grad_loss * keep)
-        if grad_loss_tangent is not None:
-            term = _scaled_p_minus_q(_probs(logits), target, ctx.epsilon, grad_loss_tangent * keep)
+            term = _jacobian_product(probs, logits_tangent, grad_loss * keep)
             out = term if out is None else out.add_(term)
         return out.to(logits.dtype)
