@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from .dropout import dual_dropout
+from .forward_mode import dual_dropout, folded_linear
 
 CLIP_EPS = 1e-6  # fairseq.utils.clip_grad_norm_: coef = min(1, max_norm / (norm + 1e-6))
 
@@ -145,7 +145,7 @@ def gradient_jvp(step, theta, teacher_params, loss_fn, g_bar, all_reduce, step_i
     direction u). Its gradient is ``G_c + eps (H v, d(G_c . v)/d omega)``: the primal is the step's
     gradient, the tangents are both products (the Hessian is symmetric, and so are mixed second
     derivatives), without a graph of the gradient. ``loss_fn`` must accept dual tensors; its dropout
-    runs under :func:`~.dropout.dual_dropout` (the fused GPU kernel's backward has no forward mode)."""
+    runs under :func:`~.forward_mode.dual_dropout` (the fused GPU kernel's backward has no forward mode)."""
     hvp_theta = [torch.zeros_like(p) for p in theta]
     hvp_omega = [torch.zeros_like(w) for w in teacher_params]
 
@@ -234,7 +234,9 @@ def teacher_vjp(step, theta, teacher_params, loss_fn, g_bar, all_reduce, step_in
     dual numbers (forward-mode AD: theta + eps g~) gives it as a function of omega, and a reverse
     pass through the teacher alone gives its gradient: no double backward through the student.
     Clipped steps use the direction ``u`` of :func:`clip_direction` (which needs G first, one
-    gradient-only pass).
+    gradient-only pass). The pass runs under :func:`~.forward_mode.folded_linear`: nothing in it
+    requires grad but the teacher, so PyTorch would run a transposed input's linear layer (fairseq's
+    output projection) as a batched product.
 
     Returns:
         (||G|| or nan when not computed, s, d(g . g~)/d omega).
@@ -245,7 +247,7 @@ def teacher_vjp(step, theta, teacher_params, loss_fn, g_bar, all_reduce, step_in
         direction = clip_direction(grad_sum, norm, step.clip_norm, g_bar)
         scale = clip_factor(norm, step.clip_norm)[0]
     domega = [torch.zeros_like(w) for w in teacher_params]
-    with forward_ad.dual_level():
+    with forward_ad.dual_level(), folded_linear():
         duals = [forward_ad.make_dual(t.detach(), d) for t, d in zip(theta, direction)]
         for chunk in iter_loss_chunks(loss_fn(step, duals), step_index):
             tangent = forward_ad.unpack_dual(chunk).tangent

@@ -379,7 +379,7 @@ def check_param_pattern(pattern: str, names) -> None:
 
 def check_dual_attention_dropout(hvp: str, model_cfg) -> None:
     """Forward-over-reverse on a GPU cannot go through attention dropout: it is drawn inside the
-    attention kernel, whose dropout backward has no forward-mode derivative (core/dropout.py)."""
+    attention kernel, whose dropout backward has no forward-mode derivative (core/forward_mode.py)."""
     on_gpu = torch.cuda.is_available() and not getattr(model_cfg, "cpu", False)
     if hvp == "forward-over-reverse" and on_gpu and getattr(model_cfg, "attention_dropout", 0.0) > 0:
         raise ReweightConfigError(

@@ -1,17 +1,21 @@
-"""Forward-over-reverse through the GPU's fused dropout (core/dropout.py), checked on the CPU.
+"""The forward-mode work-arounds of core/forward_mode.py.
 
-On CUDA, F.dropout is torch.native_dropout, whose backward has no forward-mode derivative. The CPU
-takes another dropout, so these tests make F.dropout torch.native_dropout and let CPU tensors take
-the fused path (``takes_fused_kernel``), as on a GPU.
+Forward-over-reverse through the GPU's fused dropout, checked on the CPU: on CUDA, F.dropout is
+torch.native_dropout, whose backward has no forward-mode derivative. The CPU takes another dropout,
+so these tests make F.dropout torch.native_dropout and let CPU tensors take the fused path
+(``takes_fused_kernel``), as on a GPU. And F.linear of a dual input whose rows are not contiguous,
+folded into one matrix product.
 """
+import contextlib
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from fairseq_reweight.core import dropout as dual
+from fairseq_reweight.core import forward_mode as dual
 from fairseq_reweight.core.errors import ReweightConfigError
 from fairseq_reweight.core.gradients import gradient_jvp, gradient_vjp
 from fairseq_reweight.nmt.task import check_dual_attention_dropout
@@ -90,6 +94,51 @@ def test_dual_dropout_leaves_other_tensors_and_f_dropout_as_they_were():
     torch.manual_seed(0)
     assert torch.equal(inside, F.dropout(x, P, training=True))
     assert F.dropout is original
+
+
+class OpNames(TorchDispatchMode):
+    """The ATen operators called inside the block (forward-mode tangents included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_folded_linear_takes_one_matrix_product_for_a_transposed_dual_input(bias):
+    # fairseq's decoder output: (T, B, C) transposed to (B, T, C), rows not contiguous
+    x = torch.randn(9, 7, 16, dtype=torch.float64).transpose(0, 1)
+    weight, tangent_x = torch.randn(33, 16, dtype=torch.float64), torch.randn_like(x)
+    tangent_w = torch.randn_like(weight)
+    b = torch.randn(33, dtype=torch.float64) if bias else None
+    original = F.linear
+    results = []
+    for folded in (False, True):
+        with forward_ad.dual_level(), OpNames() as ops:
+            dual_x, dual_w = forward_ad.make_dual(x, tangent_x), forward_ad.make_dual(weight, tangent_w)
+            with dual.folded_linear() if folded else contextlib.nullcontext():
+                out = forward_ad.unpack_dual(F.linear(dual_x, dual_w, b))
+            results.append((out.primal, out.tangent))
+        # PyTorch 2.13 runs the unfolded product as bmm against the expanded weight (1.4x mm's time
+        # on the CPU at the output projection's size); if a later one folds it, folded_linear can go
+        assert ("bmm" in ops.names) != folded
+    assert F.linear is original
+    assert results[1][0].shape == (7, 9, 33)
+    expected_tangent = F.linear(tangent_x, weight) + F.linear(x, tangent_w)
+    torch.testing.assert_close(results[1][0], F.linear(x, weight, b), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(results[1][1], expected_tangent, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-14, atol=1e-14)
+
+
+def test_folded_linear_keeps_two_dimensional_and_one_dimensional_weights():
+    x = torch.randn(4, 3, 5).transpose(0, 1)
+    with dual.folded_linear():
+        assert torch.equal(F.linear(x[0], torch.ones(2, 5)), x[0] @ torch.ones(5, 2))
+        torch.testing.assert_close(F.linear(x, torch.ones(5)), x.sum(-1))
 
 
 @pytest.mark.parametrize("hvp, attention_dropout, cuda, refused", [
