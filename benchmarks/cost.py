@@ -14,7 +14,8 @@ fairseq's own Trainer, in one run:
 - ``K=20,B=2 replay``: the ``--replay-sweep`` pairs with ``--reweight-newest-step replay`` (the update
   before a meta-update replayed like the others instead of keeping its gradient's graph);
 - ``K=20,B=5 C=2``: the ``--chunk-sweep`` triples with ``--reweight-chunks C`` (every micro-batch
-  trained and replayed as C chunks of its sentences: the meta-update's peak memory is one chunk's);
+  of the B updates before a meta-update trained and replayed as C chunks of its sentences: the
+  meta-update's peak memory is one chunk's);
 - the Adam column: plain fairseq ``--optimizer adam`` against ``--optimizer reweight_adam``
   (``--reweight-history checkpoint``) at ``--adam-sweep`` (default K=20, B=2), as ratios to plain Adam.
 

@@ -1,4 +1,5 @@
 """The fairseq glue: registration, uniform == plain fairseq, train -> generate -> BLEU, bad input."""
+import collections
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import torch
 
 import fairseq_reweight  # noqa: F401  (registers the components)
 from conftest import REPO, USER_DIR
+from fairseq_reweight.nmt.task import ReweightTranslationTask
 from fairseq_helpers import REWEIGHT, TINY_TRANSFORMER, inner_stats as _inner, run_generate, run_train
 
 COMMON = TINY_TRANSFORMER + ["--lr", "0.05", "--momentum", "0.9", "--weight-decay", "0.0001",
@@ -32,13 +34,30 @@ def test_uniform_weights_reproduce_fairseq_bit_for_bit(tiny_data_bin, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_chunked_micro_batches_train_as_whole_ones(tiny_data_bin, tmp_path):
-    """--reweight-chunks 3 trains each micro-batch as three chunks of its sentences: without dropout
-    (whose masks the chunks draw differently) the same updates as whole micro-batches."""
-    flags = COMMON + REWEIGHT + ["--reweight-teacher", "none", "--dropout", "0"]
+def test_chunks_split_the_updates_a_meta_update_replays_and_train_as_whole_ones(tiny_data_bin, tmp_path,
+                                                                              monkeypatch):
+    """--reweight-chunks 3 with K = 4, B = 2 trains the micro-batches of updates 2 and 3 (the two that
+    the meta-update before update 4 replays) as three chunks of their sentences each, updates 0 and
+    1 whole; without dropout (whose masks the chunks draw differently) and with the teacher's weights
+    uniform (as until the first meta-update), the same updates as without chunks."""
+    calls = []
+    train_micro_batch = ReweightTranslationTask._train_micro_batch
+
+    def spy(self, sample, model, criterion, optimizer, update_num, ignore_grad):
+        calls.append(update_num)
+        return train_micro_batch(self, sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    monkeypatch.setattr(ReweightTranslationTask, "_train_micro_batch", spy)
+    flags = COMMON + REWEIGHT + ["--dropout", "0", "--reweight-interval", "4", "--reweight-backprop-steps", "2",
+                                 "--max-update", "4"]
     whole = run_train(tiny_data_bin, str(tmp_path / "whole"), flags)
+    micro_batches = collections.Counter(calls)  # --update-freq 2: 2 per update (1 at an epoch's end)
+    calls.clear()
     chunked = run_train(tiny_data_bin, str(tmp_path / "chunked"), flags + ["--reweight-chunks", "3"])
-    assert _train_losses(chunked) == _train_losses(whole) and len(_train_losses(whole)) == 6
+    assert sorted(micro_batches) == [0, 1, 2, 3]
+    assert collections.Counter(calls) == {update: count * (3 if update in (2, 3) else 1)
+                                          for update, count in micro_batches.items()}
+    assert _train_losses(chunked) == _train_losses(whole) and len(_train_losses(whole)) == 4
     assert [s["bsz"] for s in _inner(chunked)] == [s["bsz"] for s in _inner(whole)]
     a = torch.load(tmp_path / "whole" / "checkpoint_last.pt")["model"]
     b = torch.load(tmp_path / "chunked" / "checkpoint_last.pt")["model"]

@@ -109,6 +109,9 @@ def _run(args) -> float:
     cfg = convert_namespace_to_omegaconf(fairseq_args)
     if cfg.task._name != "reweight_translation" or cfg.task.reweight_teacher == "none":
         raise ReweightConfigError("gradcheck needs --task reweight_translation with a teacher (not --reweight-teacher none)")
+    # the check compares the teacher gradient at these B steps: no teacher step in between (K = B),
+    # and the B steps are trained as the updates before a meta-update are (--reweight-chunks)
+    cfg.task.reweight_interval = cfg.task.reweight_backprop_steps
     torch.manual_seed(cfg.common.seed)
     task = tasks.setup_task(cfg.task)
     task.load_dataset(cfg.dataset.train_subset, combine=False, epoch=1)
@@ -127,7 +130,6 @@ def _run(args) -> float:
     batches = epoch_itr.next_epoch_itr(shuffle=True, fix_batches_to_gpus=False)
     update_freq = cfg.optimization.update_freq[0]
     num_steps = cfg.task.reweight_backprop_steps
-    # the check compares the teacher gradient at these B steps: no teacher step in between (B = K)
     with mock.patch.object(fairseq_utils, "clip_grad_norm_", _clip_grad_norm_float64), \
             mock.patch.object(driver, "meta_update", lambda *args, **kwargs: None):
         for _ in range(num_steps):

@@ -75,9 +75,10 @@ class ReweightTranslationConfig(TranslationConfig):
                                            "sentence: </s> gets the mean weight of its sentence's other tokens"}
     )
     reweight_chunks: int = field(
-        default=1, metadata={"help": "train (and replay) every micro-batch, and take the meta-validation batch, as "
-                                     "this many consecutive chunks of its sentences: the meta-update's peak memory is "
-                                     "that of one chunk; the teacher's weights are normalised per chunk"}
+        default=1, metadata={"help": "train (and replay) every micro-batch of the B updates before each meta-update, "
+                                     "and take the meta-validation batch, as this many consecutive chunks of its "
+                                     "sentences: the meta-update's peak memory is that of one chunk; the teacher's "
+                                     "weights are normalised per chunk there (other updates train whole)"}
     )
     reweight_interval: int = field(
         default=20, metadata={"help": "K: student updates between teacher updates"}
@@ -182,6 +183,9 @@ class ReweightTranslationTask(TranslationTask):
         apply_preset(cfg)
         if cfg.reweight_chunks < 1:
             raise ReweightConfigError(f"--reweight-chunks must be >= 1, got {cfg.reweight_chunks}")
+        if cfg.reweight_chunks > 1 and cfg.reweight_teacher in ("none", "oracle"):
+            logger.info(f"--reweight-chunks {cfg.reweight_chunks} has no effect with --reweight-teacher "
+                        f"{cfg.reweight_teacher}: no update is replayed, every micro-batch trains whole")
         if cfg.reweight_teacher != "none":
             check_options(cfg)
         if bf16_without_tpu(cfg):
@@ -309,7 +313,7 @@ class ReweightTranslationTask(TranslationTask):
         if self.oracle is not None:
             for key, value in self.oracle.noise_stats.items():  # as a teacher's, in every log line
                 metrics.log_scalar(key, value, weight=0, round=4)
-        chunks = self._chunks(sample, ignore_grad)
+        chunks = self._chunks(sample, ignore_grad, update_num)
         if len(chunks) == 1:
             return self._train_micro_batch(sample, model, criterion, optimizer, update_num, ignore_grad)
         # The replay can only be as fine as the training step: a chunk's dropout masks are drawn in
@@ -325,11 +329,18 @@ class ReweightTranslationTask(TranslationTask):
                 merged[key] = merged.get(key, 0) + value
         return total_loss, total_size, merged
 
-    def _chunks(self, sample, ignore_grad):
-        """``--reweight-chunks`` consecutive row chunks of a micro-batch (a dummy batch stays whole)."""
+    def replays(self, update_num: int) -> bool:
+        """Whether a meta-update will replay update ``update_num``: one of the B before each K-th."""
+        interval = self.cfg.reweight_interval
+        return self.driver is not None and update_num % interval >= interval - self.cfg.reweight_backprop_steps
+
+    def _chunks(self, sample, ignore_grad, update_num):
+        """``--reweight-chunks`` consecutive row chunks of a micro-batch of an update that a meta-update
+        will replay (their replay's peak memory is what the chunks bound; a whole update trains
+        faster); other updates, and a dummy batch, stay whole."""
         rows = sample["target"].size(0) if sample and "target" in sample else 0
         parts = min(self.cfg.reweight_chunks, rows)
-        if parts <= 1 or ignore_grad:
+        if parts <= 1 or ignore_grad or not self.replays(update_num):
             return [sample]
         return [batch_rows(sample, index, self.tgt_dict.pad()) for index in torch.arange(rows).tensor_split(parts)]
 
