@@ -330,7 +330,8 @@ class ReweightTranslationTask(TranslationTask):
         return total_loss, total_size, merged
 
     def replays(self, update_num: int) -> bool:
-        """Whether a meta-update will replay update ``update_num``: one of the B before each K-th."""
+        """Whether a meta-update will differentiate through update ``update_num`` (one of the B before
+        each K-th; with chunks by replaying it)."""
         interval = self.cfg.reweight_interval
         return self.driver is not None and update_num % interval >= interval - self.cfg.reweight_backprop_steps
 
