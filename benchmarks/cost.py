@@ -67,8 +67,7 @@ class PeakRSS:
     """Peak resident set size of this process inside the block (CPU runs): the kernel's high-water
     mark (``VmHWM``), reset on entry through ``/proc/self/clear_refs`` (Linux >= 4.0), so that no
     peak between two samples is missed; where that reset is refused, the RSS sampled every
-    millisecond in a thread (which misses peaks shorter than that: the plain runs' measured peaks
-    varied by 20 % between processes)."""
+    millisecond in a thread (which can miss a peak shorter than that)."""
 
     def __init__(self):
         self.peak, self._stop, self.exact = 0, threading.Event(), False
