@@ -21,6 +21,7 @@ from fairseq_reweight.core import (
     unroll_steps,
     unrolled_hypergradient,
 )
+from fairseq_reweight.core.checks import validate_tensor_list
 from fairseq_reweight.core.gradients import KeptStep
 from fairseq_reweight.core.teacher import Teacher, normalize_weights
 
@@ -273,6 +274,32 @@ def test_empty_batches_and_constant_losses():
     results = check_against_unrolled(problem, optimizer)
     assert results[NUM_STEPS, "reverse"].grad_norms[1] == 0.0
     assert results[NUM_STEPS, "reverse"].grad_norms[3] == 0.0
+
+
+def test_overwrite_val_grad_uses_its_tensors_and_gives_the_same_hypergradient():
+    """overwrite_val_grad: theta's adjoint starts in val_grad's own tensors (one copy of theta's size
+    less), except where two entries share one storage, which would update each other in place."""
+    problem = MLPProblem(seed=6)
+    optimizer = problem.train(weight_decay=0.01)
+    theta_k = [p.detach() for p in optimizer.student_params()]
+    teacher_params = list(problem.teacher.parameters())
+    expected = reverse_hypergradient(theta_k, optimizer.momentum_buffers(), teacher_params, optimizer.window(3),
+                                     problem.loss_fn, problem.val_grad(theta_k), mode="reverse")
+    val_grad = problem.val_grad(theta_k)
+    before = [g.clone() for g in val_grad]
+    result = reverse_hypergradient(theta_k, optimizer.momentum_buffers(), teacher_params, optimizer.window(3),
+                                   problem.loss_fn, val_grad, mode="reverse", overwrite_val_grad=True)
+    for ours, theirs in zip(result.teacher_grad + result.param_grad, expected.teacher_grad + expected.param_grad):
+        torch.testing.assert_close(ours, theirs, rtol=1e-14, atol=1e-14)
+    assert any(not torch.equal(g, b) for g, b in zip(val_grad, before))  # overwritten: its tensors were used
+
+    # two entries of one storage (as autograd may return them) are taken apart
+    shared = [torch.ones(3, dtype=torch.float64)] * 2
+    like = [torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)]
+    taken = validate_tensor_list(shared, like, "val_grad", none_is_zero=True, copy=False)
+    assert taken[0].data_ptr() == shared[0].data_ptr() and taken[1].data_ptr() != shared[0].data_ptr()
+    taken[0].add_(1.0)
+    assert torch.equal(taken[1], torch.ones(3, dtype=torch.float64))
 
 
 def test_checkpoint_mode_without_momentum_and_reverse_refuses_it():

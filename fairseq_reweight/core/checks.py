@@ -37,14 +37,20 @@ def check_tensor_list(tensors, like: List[Tensor], name: str, allow_none: bool) 
     return tensors
 
 
-def validate_tensor_list(tensors, like: List[Tensor], name: str, none_is_zero: bool) -> List[Tensor]:
-    """Detached copies of ``tensors`` checked against ``like`` (length, shapes); None -> zeros."""
-    out = []
+def validate_tensor_list(tensors, like: List[Tensor], name: str, none_is_zero: bool,
+                         copy: bool = True) -> List[Tensor]:
+    """Detached copies of ``tensors`` checked against ``like`` (length, shapes); None -> zeros.
+    With ``copy=False`` a tensor already of ``like``'s device and dtype is taken as it is (detached,
+    the same storage), unless it shares its storage with an earlier one (autograd may hand two
+    parameters one gradient tensor): the results are updated in place, one by one."""
+    out, storages = [], set()
     for tensor, ref in zip(check_tensor_list(tensors, like, name, none_is_zero), like):
         if tensor is None:
             out.append(torch.zeros_like(ref, memory_format=torch.contiguous_format))
-        else:
-            out.append(tensor.detach().to(device=ref.device, dtype=ref.dtype, copy=True))
+            continue
+        shared = not copy and tensor.untyped_storage().data_ptr() in storages
+        out.append(tensor.detach().to(device=ref.device, dtype=ref.dtype, copy=copy or shared))
+        storages.add(out[-1].untyped_storage().data_ptr())
     return out
 
 

@@ -104,6 +104,7 @@ def reverse_hypergradient(
     optimizer=SGD,
     hvp: str = "double-backward",
     kept: Optional[KeptStep] = None,
+    overwrite_val_grad: bool = False,
 ) -> HypergradResult:
     """Gradient of a validation loss at theta_K with respect to the teacher, through the last steps.
 
@@ -132,6 +133,8 @@ def reverse_hypergradient(
         kept: the newest step's gradient graph from training (:class:`~.gradients.KeptStep`): that
             step's products come from it (one backward) instead of ``loss_fn``; not with
             ``all_reduce``, and unused when the newest step is the forward-mode oldest one (B = 1).
+        overwrite_val_grad: ``val_grad``'s tensors may serve as theta's adjoint and be overwritten
+            (one buffer of theta's size less); the caller must not read them afterwards.
 
     Returns a :class:`HypergradResult`; raises ValueError on inconsistent inputs, non-finite
     ``val_grad``, or a step the mode cannot undo.
@@ -142,7 +145,7 @@ def reverse_hypergradient(
         raise ValueError("a kept step is one worker's gradient graph: it cannot be used with all_reduce")
     step_products = HVP[hvp]
     params, teacher_params, steps, theta_bar, state = _checked_inputs(
-        params, momentum_buffers, teacher_params, steps, val_grad, mode, optimizer
+        params, momentum_buffers, teacher_params, steps, val_grad, mode, optimizer, not overwrite_val_grad
     )
     val_grad_norm = global_norm(theta_bar)
     theta = [p.detach().clone().requires_grad_(True) for p in params]  # theta_t, updated in place
@@ -184,14 +187,15 @@ def reverse_hypergradient(
                            optimizer.start_state(steps, state, params, mode), grad_norms, clip_factors, val_grad_norm)
 
 
-def _checked_inputs(params, momentum_buffers, teacher_params, steps, val_grad, mode, optimizer):
-    """The inputs as lists, checked: (params, omega, steps, theta_bar = val_grad, final state)."""
+def _checked_inputs(params, momentum_buffers, teacher_params, steps, val_grad, mode, optimizer, copy_val_grad=True):
+    """The inputs as lists, checked: (params, omega, steps, theta_bar = val_grad (a copy unless
+    ``copy_val_grad`` is False), final state)."""
     if mode not in optimizer.modes:
         raise ValueError(f"mode must be one of {', '.join(map(repr, optimizer.modes))}, got {mode!r}")
     params, teacher_params, steps = list(params), list(teacher_params), list(steps)
     validate_inputs(params, steps, optimizer.check_step, mode)
     validate_teacher_params(teacher_params)
-    theta_bar = validate_tensor_list(val_grad, params, "val_grad", none_is_zero=True)
+    theta_bar = validate_tensor_list(val_grad, params, "val_grad", none_is_zero=True, copy=copy_val_grad)
     check_finite(theta_bar, "val_grad has non-finite entries: the validation loss diverged at theta_K")
     state = optimizer.final_state(params, momentum_buffers, mode)
     return params, teacher_params, steps, theta_bar, state

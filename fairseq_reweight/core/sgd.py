@@ -119,8 +119,12 @@ class SGDReverse:
 
     @staticmethod
     def gradient_adjoint(step: StepRecord, theta_bar, v_bar) -> List[Tensor]:
-        """g~ = v_bar - lr theta_bar: the adjoint of the step's gradient."""
-        return [vb - step.lr * tb for vb, tb in zip(v_bar, theta_bar)]
+        """g~ = v_bar - lr theta_bar: the adjoint of the step's gradient, computed in place in
+        ``v_bar`` (which :meth:`propagate`, called next, scales to v_t's adjoint): one buffer of
+        theta's size less while the step's products are computed."""
+        for vb, tb in zip(v_bar, theta_bar):
+            vb.add_(tb, alpha=-step.lr)
+        return v_bar
 
     @staticmethod
     def rewind_state(step: StepRecord, velocity, grad, scale: float, theta) -> None:
@@ -133,12 +137,15 @@ class SGDReverse:
 
     @staticmethod
     def propagate(step: StepRecord, theta_bar, v_bar, g_bar, hvp_theta):
-        """The adjoints of (theta_t, v_t) from those of (theta_{t+1}, v_{t+1})."""
+        """The adjoints of (theta_t, v_t) from those of (theta_{t+1}, v_{t+1}); ``v_bar`` holds g~,
+        left there by :meth:`gradient_adjoint`, and becomes ``momentum g~`` in place."""
         for tb, h, gb in zip(theta_bar, hvp_theta, g_bar):
             tb.add_(h)
             if step.weight_decay:
                 tb.add_(gb, alpha=step.weight_decay)
-        return theta_bar, [step.momentum * gb for gb in g_bar]
+        for gb in g_bar:
+            gb.mul_(step.momentum)
+        return theta_bar, g_bar
 
     @staticmethod
     def start_state(steps, velocity, params, mode: str):

@@ -222,14 +222,16 @@ def replay_session(model, criterion, teacher, recorder, seed: int, valid_loss: s
 
 
 def teacher_hypergradient(replay: Replay, steps: List, val_grad, mode: str, teacher_grad_only: bool = True,
-                          all_reduce=None, hvp: str = "double-backward", kept=None) -> HypergradResult:
+                          all_reduce=None, hvp: str = "double-backward", kept=None,
+                          overwrite_val_grad: bool = False) -> HypergradResult:
     """``d L_val / d omega`` through the recorded ``steps`` (oldest first) at the student's state
-    (``hvp``: ``--reweight-hvp``; ``kept``: the newest step's graph from training, or None)."""
+    (``hvp``: ``--reweight-hvp``; ``kept``: the newest step's graph from training, or None;
+    ``overwrite_val_grad``: ``val_grad`` may be overwritten, see the core's ``reverse_hypergradient``)."""
     student = replay.student
     return reverse_hypergradient(
         student.theta(), student.final_state(), replay.omega, [student.convert_record(s) for s in steps],
         replay.loss_fn, val_grad, mode=mode, all_reduce=all_reduce, teacher_grad_only=teacher_grad_only,
-        optimizer=student.recorder.reverse, hvp=hvp, kept=kept,
+        optimizer=student.recorder.reverse, hvp=hvp, kept=kept, overwrite_val_grad=overwrite_val_grad,
     )
 
 
@@ -247,7 +249,7 @@ def meta_gradient(replay: Replay, steps: List, sample, mode: str, hvp: str = "do
         keep = re.compile(valid_params)
         val_grad = [g if keep.search(name) else torch.zeros_like(g) for name, g in zip(replay.student.names, val_grad)]
     grads = teacher_hypergradient(replay, steps, val_grad, mode, all_reduce=all_reduce_fn(), hvp=hvp,
-                                  kept=kept).teacher_grad
+                                  kept=kept, overwrite_val_grad=True).teacher_grad
     return val_loss, grads if all_finite(grads) else None
 
 
