@@ -62,6 +62,9 @@ def test_gradcheck_at_a_restored_student_or_one_clear_error(tiny_data_bin, tmp_p
     assert float(capsys.readouterr().out.strip().splitlines()[-1].split(": ")[1]) < 1e-12
     with pytest.raises(ReweightConfigError, match="--restore-file .* not found"):
         cli_main([tiny_data_bin] + ARGS + ["--restore-file", str(tmp_path / "missing.pt")])
+    for teacher in ("none", "oracle"):  # nothing to differentiate
+        with pytest.raises(ReweightConfigError, match="with a learned teacher"):
+            cli_main([tiny_data_bin] + ARGS + ["--reweight-teacher", teacher])
     with pytest.raises(ReweightConfigError, match="does not fit the model"):
         cli_main([tiny_data_bin] + ARGS + ["--encoder-embed-dim", "32", "--restore-file",
                                            str(tmp_path / "plain" / "checkpoint_last.pt")])
