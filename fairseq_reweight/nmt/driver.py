@@ -71,6 +71,12 @@ class ReweightDriver(nn.Module):
                 metrics.log_scalar(key, value, weight=0, round=4)
         self.recorder.on_micro_batch(update_num, sample, ignore_grad, first)
 
+    def in_window(self, update_num: int) -> bool:
+        """Whether the next meta-update differentiates through update ``update_num``: one of the B
+        before each K-th (the schedule of :meth:`on_micro_batch`)."""
+        interval = self.cfg.reweight_interval
+        return update_num % interval >= interval - self.cfg.reweight_backprop_steps
+
     def keeps_step(self, model, optimizer, update_num, ignore_grad, one_micro_batch) -> bool:
         """Whether this micro-batch is trained by :meth:`train_kept_step`: the whole update before a
         meta-update (``--reweight-newest-step kept``), where its graph can serve the replay: fp32

@@ -329,19 +329,13 @@ class ReweightTranslationTask(TranslationTask):
                 merged[key] = merged.get(key, 0) + value
         return total_loss, total_size, merged
 
-    def replays(self, update_num: int) -> bool:
-        """Whether a meta-update will differentiate through update ``update_num`` (one of the B before
-        each K-th; with chunks by replaying it)."""
-        interval = self.cfg.reweight_interval
-        return self.driver is not None and update_num % interval >= interval - self.cfg.reweight_backprop_steps
-
     def _chunks(self, sample, ignore_grad, update_num):
         """``--reweight-chunks`` consecutive row chunks of a micro-batch of an update that a meta-update
         will replay (their replay's peak memory is what the chunks bound; a whole update trains
         faster); other updates, and a dummy batch, stay whole."""
         rows = sample["target"].size(0) if sample and "target" in sample else 0
         parts = min(self.cfg.reweight_chunks, rows)
-        if parts <= 1 or ignore_grad or not self.replays(update_num):
+        if parts <= 1 or ignore_grad or self.driver is None or not self.driver.in_window(update_num):
             return [sample]
         return [batch_rows(sample, index, self.tgt_dict.pad()) for index in torch.arange(rows).tensor_split(parts)]
 
