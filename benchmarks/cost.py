@@ -66,8 +66,8 @@ CPU_SMALL = ["--arch", "transformer", "--encoder-layers", "2", "--decoder-layers
 class PeakRSS:
     """Peak resident set size of this process inside the block (CPU runs): the kernel's high-water
     mark (``VmHWM``), reset on entry through ``/proc/self/clear_refs`` (Linux >= 4.0), so that no
-    peak between two samples is missed; where that reset is refused, the RSS sampled every
-    millisecond in a thread (which can miss a peak shorter than that)."""
+    peak is missed; only where that reset is refused, the RSS sampled every millisecond in a thread
+    (which can miss a peak shorter than that)."""
 
     def __init__(self):
         self.peak, self._stop, self.exact = 0, threading.Event(), False
@@ -94,8 +94,9 @@ class PeakRSS:
             self.exact = False
         self.base = self.rss()
         self.peak = self.base
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        if not self.exact:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
         return self
 
     def _run(self):
@@ -103,10 +104,11 @@ class PeakRSS:
             self.peak = max(self.peak, self.rss())
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
         if self.exact:
             self.peak = max(self.peak, self.high_water_mark())
+        else:
+            self._stop.set()
+            self._thread.join()
 
 
 def timed(function, label, times: dict, cuda: bool):
