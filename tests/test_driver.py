@@ -57,6 +57,28 @@ def test_resume_mid_way_through_the_second_epoch_is_bit_identical(tiny_data_bin,
     assert int(_inner(log)[-1]["epoch"]) == 3
 
 
+@pytest.mark.parametrize("mode", ["reverse", "checkpoint"])
+def test_resume_right_after_the_update_that_kept_its_graph_is_bit_identical(tiny_data_bin, tmp_path, mode):
+    """Stopped after update 6, whose graph (--reweight-newest-step kept, the default) the
+    meta-update before update 7 differentiates: the resumed run rebuilds that graph from the saved
+    parameters (reverse mode) or the replay record (checkpoint mode) with the same dropout draws and
+    training state, and is bit-identical to the uninterrupted run (a replay of update 6 differed by
+    float32 round-off)."""
+    from fairseq_reweight.nmt import driver
+
+    rebuilt = []
+    kept_forward = driver.ReweightDriver._kept_forward
+
+    def spy(self, model, criterion, sample, update_num, params):
+        rebuilt.append((update_num, self._state_override is not None))
+        return kept_forward(self, model, criterion, sample, update_num, params)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(driver.ReweightDriver, "_kept_forward", spy)
+        check_resume_is_bit_identical(tiny_data_bin, tmp_path, BASE + ["--reweight-history", mode], stop=6, end=8)
+    assert (5, True) in rebuilt  # the resumed run rebuilt update 5's graph (0-based: the 6th update)
+
+
 def test_shared_embeddings_stay_tied_through_meta_updates(tiny_data_bin, tmp_path):
     """--share-all-embeddings: the replay must not untie the student's shared weights (it did with
     torch.func.functional_call), or the optimizer would stop updating one of the copies."""

@@ -10,6 +10,7 @@ import math
 import time
 
 import torch
+from fairseq import utils
 from fairseq.logging import metrics
 from torch import nn
 
@@ -17,6 +18,7 @@ from fairseq_reweight.core import math_attention, substitute_parameters
 from fairseq_reweight.core.features import TrainingState
 from fairseq_reweight.core.gradients import KeptStep
 from fairseq_reweight.core.teacher import apply_teacher_gradient
+from fairseq_reweight.nmt import fairseq_contract as contract
 from fairseq_reweight.nmt.fairseq_contract import inner_optimizer, unwrap_model
 from fairseq_reweight.nmt.recorder import StepRecorder
 from fairseq_reweight.nmt.replay import check_in_sync, check_skips, data_parallel, meta_gradient, replay_session
@@ -39,12 +41,18 @@ class ReweightDriver(nn.Module):
         self.last_meta_stats = {}
         self._meta_valid_iter, self._shadow = None, {}
         self.kept = None  # (update_num, KeptStep): the update before a meta-update, until that uses it
+        # what rebuilds that graph after a restart (:meth:`_rebuild_kept`): the kept update's number,
+        # training state and, with --reweight-history reverse, its parameters
+        self.kept_inputs = None
+        self._state_override = None  # the training state a rebuilt kept step was taken at
 
     @property
     def teacher(self):
         return self.weigher.teacher
 
     def training_state(self) -> TrainingState:
+        if self._state_override is not None:
+            return self._state_override
         best = self.best_meta_valid_loss if self.num_meta_updates else 0.0
         running = 0.0 if self.running_loss is None else self.running_loss
         return TrainingState(self.update_num / max(self.cfg.max_update, 1), running, best)
@@ -66,7 +74,7 @@ class ReweightDriver(nn.Module):
             if due and update_num != self.last_meta_update:
                 self.last_meta_update = update_num
                 self.meta_update(model, criterion, update_num)
-            self.kept = None
+            self.kept = self.kept_inputs = None
             for key, value in self.last_meta_stats.items():  # shown in every log line (weight 0)
                 metrics.log_scalar(key, value, weight=0, round=4)
         self.recorder.on_micro_batch(update_num, sample, ignore_grad, first)
@@ -89,24 +97,64 @@ class ReweightDriver(nn.Module):
 
     def train_kept_step(self, model, criterion, sample, update_num):
         """fairseq's ``FairseqTask.train_step`` for this micro-batch, with the gradient's graph kept
-        for the next meta-update. The forward runs at copies of the parameters (the optimizer steps
-        them in place, which the graph must not see) and at teacher leaves, under the math attention
-        kernel (the fused ones have no double backward); the gradient goes to ``p.grad`` as
-        ``loss.backward()`` would put it. The update being this one micro-batch, the trainer divides
-        its gradient by this micro-batch's sample size: the kept graph's scale."""
-        model.train()
-        model.set_num_updates(update_num)
+        for the next meta-update (:meth:`_kept_forward`); the gradient goes to ``p.grad`` as
+        ``loss.backward()`` would put it."""
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        leaves = [p.detach().clone().requires_grad_() for _, p in named]
-        omega = {name: w.detach().clone().requires_grad_() for name, w in self.teacher.named_parameters()}
-        with math_attention(), substitute_parameters(model, {name: t for (name, _), t in zip(named, leaves)}):
-            loss, size, logging_output = criterion(model, sample, teacher_params=omega)
-        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-        for (_, p), grad in zip(named, grads):
+        state = self.training_state()
+        loss, size, logging_output, kept = self._kept_forward(model, criterion, sample, update_num,
+                                                              [p.detach() for _, p in named])
+        for (_, p), grad in zip(named, kept.grads):
             if grad is not None:
                 p.grad = grad.detach().clone() if p.grad is None else p.grad.add_(grad.detach())
-        self.kept = (update_num, KeptStep(leaves, list(omega.values()), grads, 1.0 / (float(size) or 1.0)))
+        self.kept = (update_num, kept)
+        # a checkpoint saved now lets a resumed run rebuild this graph exactly; the parameters are
+        # in the replay record with --reweight-history checkpoint, else they must be saved
+        params = None if self.recorder.store_states else kept.params
+        self.kept_inputs = {"update_num": update_num, "params": params, "progress": state.progress,
+                            "running_train_loss": self.running_loss, "best": state.best_valid}
         return loss.detach(), size, logging_output
+
+    def _kept_forward(self, model, criterion, sample, update_num, params):
+        """(loss, sample size, logging output, :class:`KeptStep`) of the micro-batch at copies of
+        ``params`` (the optimizer steps the parameters in place, which the graph must not see) and
+        at teacher leaves, under the math attention kernel (the fused ones have no double backward).
+        The update being this one micro-batch, the trainer divides its gradient by this
+        micro-batch's sample size: the kept graph's scale."""
+        model.train()
+        model.set_num_updates(update_num)
+        names = [name for name, p in model.named_parameters() if p.requires_grad]
+        leaves = [p.detach().clone().requires_grad_() for p in params]
+        omega = {name: w.detach().clone().requires_grad_() for name, w in self.teacher.named_parameters()}
+        with math_attention(), substitute_parameters(model, dict(zip(names, leaves))):
+            loss, size, logging_output = criterion(model, sample, teacher_params=omega)
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        return loss, size, logging_output, KeptStep(leaves, list(omega.values()), grads, 1.0 / (float(size) or 1.0))
+
+    def _rebuild_kept(self, model, criterion, steps):
+        """After a restart right after the update that kept its graph, that graph again: the same
+        forward and backward at the same parameters, teacher, training state and dropout seed, so
+        that the meta-update is the uninterrupted run's bit for bit (replaying the step instead
+        differs by round-off). Run inside the meta-update's replay session, which restores the
+        model's mode and update counter; torch's RNG is restored here."""
+        inputs, self.kept_inputs = self.kept_inputs, None
+        data = steps[-1].data
+        if (inputs is None or self.kept is not None or data.update_num != inputs["update_num"]
+                or len(data.micro_batches) != 1 or data.micro_batches[0][1]):
+            return
+        params = inputs["params"] if inputs["params"] is not None else steps[-1].params
+        device = next(p for p in model.parameters()).device
+        running = inputs["running_train_loss"]
+        self._state_override = TrainingState(inputs["progress"], 0.0 if running is None else torch.as_tensor(running),
+                                             inputs["best"])
+        rng_state = utils.get_rng_state()
+        try:
+            contract.seed_for_update(self.cfg.seed, data.update_num)
+            kept = self._kept_forward(model, criterion, data.micro_batches[0][0], data.update_num,
+                                      [p.to(device) for p in params])[3]
+        finally:
+            self._state_override = None
+            utils.set_rng_state(rng_state)
+        self.kept = (data.update_num, kept)
 
     def _kept_for(self, steps):
         """The kept graph if it is the newest step's (the update just taken, whole); else None (the
@@ -137,6 +185,7 @@ class ReweightDriver(nn.Module):
             self._meta_valid_iter = self.meta_valid_batches(skip=self.meta_valid_consumed)
         with replay_session(model, criterion, self.teacher, self.recorder.optimizer, self.cfg.seed,
                             self.cfg.meta_valid_loss, update_num, self._shadow, self.cfg.reweight_chunks) as replay:
+            self._rebuild_kept(contract.unwrap_model(model), criterion, steps)
             sample = next(self._meta_valid_iter)  # inside: a new epoch draws from torch's global RNG
             self.meta_valid_consumed += 1
             val_loss, grads = meta_gradient(replay, steps, sample, self.cfg.reweight_history, self.cfg.reweight_hvp,
@@ -168,7 +217,15 @@ class ReweightDriver(nn.Module):
         running = None if self.running_loss is None else float(self.running_loss)
         return {**{name: getattr(self, name) for name in self.COUNTERS}, "running_train_loss": running,
                 "teacher_optimizer": self.teacher_optimizer.state_dict(), "last_meta_stats": dict(self.last_meta_stats),
-                "history": self.recorder.state_dict()}
+                "history": self.recorder.state_dict(), "kept_inputs": self._kept_inputs_state()}
+
+    def _kept_inputs_state(self):
+        """:attr:`kept_inputs` while its graph waits for the next meta-update, else None."""
+        if self.kept is None or self.kept_inputs is None:
+            return None
+        params = self.kept_inputs["params"]
+        return {**self.kept_inputs, "params": None if params is None else [p.detach().cpu() for p in params],
+                "running_train_loss": _float_or_none(self.kept_inputs["running_train_loss"])}
 
     def set_extra_state(self, state):
         for name in self.COUNTERS:
@@ -181,3 +238,8 @@ class ReweightDriver(nn.Module):
         self.last_meta_stats = dict(state["last_meta_stats"])
         self.recorder.load_state_dict(state["history"])
         self._meta_valid_iter = None  # re-created, skipping the batches already used
+        self.kept, self.kept_inputs = None, state.get("kept_inputs")
+
+
+def _float_or_none(value):
+    return None if value is None else float(value)
