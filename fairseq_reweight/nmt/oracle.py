@@ -1,40 +1,106 @@
-"""``--reweight-teacher oracle``: the upper bound of down-weighting the noise.
+"""Fixed per-pair weights: ``--reweight-teacher oracle`` and ``--reweight-teacher pairs``.
 
-Reads ``--reweight-noise-sidecar`` and gives every target token of a noisy pair weight 0, every
-other token weight 1 (normalised as a teacher's weights are, so a micro-batch of noisy pairs only
-contributes nothing). It learns nothing and needs no meta-update: the same batches and updates as
-the baseline with the noise removed from the loss.
+Both give every target token of training pair i the weight ``weights[i]`` (normalised as a teacher's
+weights are, so a micro-batch whose pairs all weigh 0 contributes nothing). Neither learns anything
+nor needs a meta-update: the same batches and updates as the baseline with the loss reweighted.
+
+- ``oracle``: the upper bound of down-weighting the noise. The weights come from
+  ``--reweight-noise-sidecar``: 0 for a noisy pair, 1 for a clean one.
+- ``pairs``: the weights come from ``--reweight-pair-weights`` (one non-negative number per training
+  pair, data-bin order; e.g. 0/1 from a filter, ``fairseq-reweight-score`` and
+  ``examples/run_experiment.py``'s ``filter-*`` methods). The noise sidecar, if given, is only
+  measured against (the noise metrics a teacher logs), never read for the weights.
 """
+import os
+from typing import Optional
+
+import numpy as np
 import torch
 from torch import nn
 
+from fairseq_reweight.core.errors import ReweightConfigError
 from fairseq_reweight.core.metrics import noise_summary, read_noise_sidecar, select_sentences
 from fairseq_reweight.core.teacher import normalize_weights
 from fairseq_reweight.nmt.noise_monitor import MONITOR_MAX_SENTENCES
 
 
-class OracleWeigher(nn.Module):
-    """Weights from the noise labels: ``forward(sample, ...) -> (w, raw)`` like a teacher's."""
+def read_pair_weights(path: str, num_sentences: int) -> np.ndarray:
+    """The weights of a ``--reweight-pair-weights`` file: one finite number >= 0 a line (float64).
 
-    def __init__(self, sidecar: str, num_sentences: int, pad: int, seed: int):
+    Raises:
+        ReweightConfigError: missing file, a line that is not such a number, or the wrong line count.
+    """
+    if not os.path.isfile(path):
+        raise ReweightConfigError(f"pair weights {path!r} not found: give a file with one weight per training pair")
+    weights = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            try:
+                value = float(line.strip())
+            except ValueError:
+                value = float("nan")
+            if not (np.isfinite(value) and value >= 0):
+                raise ReweightConfigError(f"pair weights {path}: line {line_number} is {line.strip()!r}, expected a "
+                                          "finite number >= 0 (e.g. 0 to drop the pair, 1 to keep it)")
+            weights.append(value)
+    if len(weights) != num_sentences:
+        raise ReweightConfigError(f"pair weights {path} has {len(weights)} lines but the split has {num_sentences} "
+                                  "sentences: give one line per training pair, in data-bin order")
+    return np.asarray(weights, dtype=np.float64)
+
+
+class PairWeigher(nn.Module):
+    """Fixed weights per training pair: ``forward(sample, ...) -> (w, raw)`` like a teacher's.
+
+    Args:
+        weights: one weight per sentence of the training split (index = fairseq's ``sample["id"]``).
+        pad: the target dictionary's padding index.
+        seed: picks the sentences the noise metrics are computed on.
+        noisy: 0/1 noise labels of the split, if known: :attr:`noise_stats` then holds the noise
+            metrics a teacher logs (``noise_auc``, ``noise_w_noisy``, ``noise_w_clean``) on the
+            sentences the in-training monitor would score; exact, since the weights do not depend
+            on the student. Without labels it is empty.
+    """
+
+    def __init__(self, weights: np.ndarray, pad: int, seed: int, noisy: Optional[np.ndarray] = None):
         super().__init__()
-        noisy = read_noise_sidecar(sidecar, num_sentences)
-        self.register_buffer("clean", torch.from_numpy(1 - noisy).float(), persistent=False)
+        self.register_buffer("weights", torch.from_numpy(weights).float(), persistent=False)
         self.pad = pad
-        # the noise metrics a teacher logs, on the sentences the in-training monitor would score:
-        # exact here, since the weights do not depend on the student
-        indices = select_sentences(num_sentences, MONITOR_MAX_SENTENCES, seed, noisy)
-        summary = noise_summary(1.0 - noisy[indices], noisy[indices])
-        self.noise_stats = {"noise_auc": summary.auc, "noise_w_noisy": summary.mean_weight_noisy,
-                            "noise_w_clean": summary.mean_weight_clean}
+        self.noise_stats = {}
+        if noisy is not None:
+            indices = select_sentences(len(noisy), MONITOR_MAX_SENTENCES, seed, noisy)
+            summary = noise_summary(np.asarray(weights, dtype=np.float64)[indices], noisy[indices])
+            self.noise_stats = {"noise_auc": summary.auc, "noise_w_noisy": summary.mean_weight_noisy,
+                                "noise_w_clean": summary.mean_weight_clean}
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        self.clean = self.clean.float()  # stays float32 when the criterion is cast to fp16
+        self.weights = self.weights.float()  # stays float32 when the criterion is cast to fp16
         return self
 
     def forward(self, sample, encoder_out=None, net_output=None, lprobs=None, params=None):
         target = sample["target"]  # B x T
         mask = target.ne(self.pad)
-        raw = self.clean.to(target.device)[sample["id"]].unsqueeze(1).expand_as(target) * mask
+        raw = self.weights.to(target.device)[sample["id"]].unsqueeze(1).expand_as(target) * mask
         return normalize_weights(raw, mask), raw
+
+
+class OracleWeigher(PairWeigher):
+    """``--reweight-teacher oracle``: weight 1 - noisy from the noise sidecar."""
+
+    def __init__(self, sidecar: str, num_sentences: int, pad: int, seed: int):
+        noisy = read_noise_sidecar(sidecar, num_sentences)
+        super().__init__(1.0 - noisy, pad, seed, noisy)
+
+    @property
+    def clean(self):
+        """The oracle's weights (1 = clean pair)."""
+        return self.weights
+
+
+def pairs_weigher(weights_file: str, num_sentences: int, pad: int, seed: int,
+                  sidecar: Optional[str] = None) -> PairWeigher:
+    """``--reweight-teacher pairs``: the weights of ``weights_file``, measured against ``sidecar`` if given."""
+    weights = read_pair_weights(weights_file, num_sentences)
+    noisy = read_noise_sidecar(sidecar, num_sentences) if sidecar else None
+    return PairWeigher(weights, pad, seed, noisy)

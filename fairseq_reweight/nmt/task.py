@@ -36,14 +36,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ReweightTranslationConfig(TranslationConfig):
-    reweight_teacher: ChoiceEnum(["none", "deep", "surface", "oracle"]) = field(
+    reweight_teacher: ChoiceEnum(["none", "deep", "surface", "oracle", "pairs"]) = field(
         default="deep",
         metadata={
             "help": "none: uniform weights (plain fine-tuning, the baseline); deep: the paper's "
             "deep-interaction teacher on the student's internal states and the label; surface: "
             "a teacher on surface features only (progress, loss, best-valid, prediction, margin); "
             "oracle: weight 0 for every token of a pair --reweight-noise-sidecar marks noisy, 1 "
-            "otherwise (the bound of down-weighting the noise; no meta-updates)"
+            "otherwise (the bound of down-weighting the noise; no meta-updates); pairs: the fixed "
+            "per-pair weights of --reweight-pair-weights (e.g. a filter's 0/1; no meta-updates)"
         },
     )
     reweight_preset: ChoiceEnum(["none", "robust"]) = field(
@@ -142,6 +143,12 @@ class ReweightTranslationConfig(TranslationConfig):
             "of the training split during training (does not change training)"
         },
     )
+    reweight_pair_weights: Optional[str] = field(
+        default=None,
+        metadata={"help": "with --reweight-teacher pairs: one weight >= 0 per training pair, one a line in data-bin "
+                  "order (0 drops the pair; normalised like a teacher's weights); --reweight-noise-sidecar, "
+                  "if given, is only measured against"},
+    )
     reset_teacher: bool = field(
         default=False,
         metadata={"help": "on --restore-file, do not load the checkpoint's teacher, its Adam state and counters: "
@@ -183,7 +190,7 @@ class ReweightTranslationTask(TranslationTask):
         apply_preset(cfg)
         if cfg.reweight_chunks < 1:
             raise ReweightConfigError(f"--reweight-chunks must be >= 1, got {cfg.reweight_chunks}")
-        if cfg.reweight_chunks > 1 and cfg.reweight_teacher in ("none", "oracle"):
+        if cfg.reweight_chunks > 1 and cfg.reweight_teacher in ("none", "oracle", "pairs"):
             logger.info(f"--reweight-chunks {cfg.reweight_chunks} has no effect with --reweight-teacher "
                         f"{cfg.reweight_teacher}: no update is replayed, every micro-batch trains whole")
         if cfg.reweight_teacher != "none":
@@ -207,7 +214,7 @@ class ReweightTranslationTask(TranslationTask):
                 f"--reweight-teacher {self.cfg.reweight_teacher} needs --criterion "
                 f"reweighted_cross_entropy (got {type(criterion).__name__})"
             )
-        if self.cfg.reweight_teacher == "oracle":
+        if self.cfg.reweight_teacher in ("oracle", "pairs"):
             return self._attach_oracle(criterion)
         self._check_meta_valid_split()
         model_cfg = self._model_cfg
@@ -232,12 +239,17 @@ class ReweightTranslationTask(TranslationTask):
         return criterion
 
     def _attach_oracle(self, criterion):
-        from fairseq_reweight.nmt.oracle import OracleWeigher
+        from fairseq_reweight.nmt.oracle import OracleWeigher, pairs_weigher
 
         if self.cfg.train_subset not in self.datasets:  # the sidecar is checked against its size now
             self.load_dataset(self.cfg.train_subset, combine=False, epoch=1)
-        self.oracle = OracleWeigher(self.cfg.reweight_noise_sidecar, len(self.dataset(self.cfg.train_subset)),
-                                    self.tgt_dict.pad(), self.cfg.seed)
+        num_sentences = len(self.dataset(self.cfg.train_subset))
+        if self.cfg.reweight_teacher == "pairs":
+            self.oracle = pairs_weigher(self.cfg.reweight_pair_weights, num_sentences, self.tgt_dict.pad(),
+                                        self.cfg.seed, self.cfg.reweight_noise_sidecar)
+        else:
+            self.oracle = OracleWeigher(self.cfg.reweight_noise_sidecar, num_sentences, self.tgt_dict.pad(),
+                                        self.cfg.seed)
         criterion.oracle = self.oracle  # moves to the device with the criterion
         criterion.weight_fn = lambda sample, encoder_out, net_output, lprobs, params=None: self.oracle(sample)
         return criterion
@@ -400,6 +412,11 @@ def check_options(cfg: ReweightTranslationConfig) -> None:
         if not cfg.reweight_noise_sidecar:
             raise ReweightConfigError("--reweight-teacher oracle needs --reweight-noise-sidecar (the train.noise file "
                                       "written by data_prep/make_noisy_iwslt.sh)")
+        return
+    if cfg.reweight_teacher == "pairs":
+        if not cfg.reweight_pair_weights:
+            raise ReweightConfigError("--reweight-teacher pairs needs --reweight-pair-weights (one weight per "
+                                      "training pair, e.g. written by examples/run_experiment.py's filter methods)")
         return
     check_schedule(cfg.reweight_interval, cfg.reweight_backprop_steps)
     if cfg.memory_efficient_fp16:
