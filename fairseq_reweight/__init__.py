@@ -7,7 +7,7 @@ Layers: :mod:`fairseq_reweight.core` (plain PyTorch: the hypergradient, the teac
 :mod:`fairseq_reweight.nmt` (the fairseq components), :mod:`fairseq_reweight.cli` (commands),
 :mod:`fairseq_reweight.vision` (the image path, no fairseq).
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 try:
     import fairseq  # noqa: F401
