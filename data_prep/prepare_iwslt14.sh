@@ -14,6 +14,8 @@ Builds OUT_DIR/tok/{train,valid,test}.{de,en} (Moses-tokenized, lowercased words
 OUT_DIR/subword/ (BPE codes or sentencepiece model, segmented text) and OUT_DIR/data-bin/ (fairseq
 binaries, joined dictionary that also holds the mask token) from the IWSLT14 de-en.tgz archive.
 valid = every 23rd cleaned training pair; test = dev2010 + TEDX.dev2012 + tst2010-2012.
+OUT_DIR/raw/{valid,test}.{de,en} keeps the same pairs as extracted, before tokenization (original
+case; the references sacreBLEU is scored against).
 
 Options:
   --archive PATH       the de-en.tgz archive (default: OUT_DIR/../de-en.tgz, downloaded from
@@ -78,6 +80,7 @@ tgt=$TGT
 lowercase=1
 clean=1-175 ratio 1.5
 valid=every 23rd training pair
+raw=raw/{valid,test}.{$SRC,$TGT}: the extracted text, untokenized, original case
 $(subword_settings)"
 check_existing_output "$OUT" "$SETTINGS"
 begin_output "$OUT"
@@ -108,7 +111,39 @@ done
 for split in train valid test; do
   log "  $split: $(wc -l <"$WORK/tok/$split.$SRC") pairs"
 done
+
+step "keeping the untokenized, original-case valid and test text in raw/ (the references of sacreBLEU)"
+mkdir -p "$WORK/raw_text"
+# valid: the extracted training pairs behind tok/valid (the cleaning filter on the tokenized pair
+# decides, then every 23rd kept pair); test: the extracted segments
+"$PYTHON" - "$DATA_PREP_DIR" "$WORK/raw" "$WORK/raw_text" "$SRC" "$TGT" "$(wc -l <"$WORK/tok/valid.$SRC")" <<'EOF' \
+  || die "could not keep the raw valid text (see above)"
+import shutil, sys
+prep_dir, raw, out, src, tgt, n_valid = sys.argv[1:]
+sys.path.insert(0, prep_dir)
+import clean_corpus, textfile
+
+def words(line):
+    line = clean_corpus._WHITESPACE.sub(" ", line).strip(" ")
+    return line.split(" ") if line else []
+
+kept = 0
+with open(f"{out}/valid.{src}", "w", encoding="utf-8") as fs, open(f"{out}/valid.{tgt}", "w", encoding="utf-8") as ft:
+    pairs = zip(textfile.read_pairs(f"{raw}/train.{src}", f"{raw}/train.{tgt}"),
+                textfile.read_pairs(f"{raw}/train.tok.{src}", f"{raw}/train.tok.{tgt}"))
+    for (s, t), (tok_s, tok_t) in pairs:
+        if clean_corpus.keep_pair(words(tok_s), words(tok_t), 1, 175, 1.5):
+            kept += 1
+            if kept % 23 == 0:
+                fs.write(s + "\n")
+                ft.write(t + "\n")
+if kept // 23 != int(n_valid):
+    sys.exit(f"raw valid: {kept // 23} pairs, but tok/valid has {n_valid}")
+for lang in (src, tgt):
+    shutil.copyfile(f"{raw}/test.{lang}", f"{out}/test.{lang}")
+EOF
 rm -rf "$WORK/raw"
+mv "$WORK/raw_text" "$WORK/raw"
 
 subword_and_binarize_clean "$WORK" "$SRC" "$TGT" "$METHOD" "$SIZE" "$MASK_TOKEN" "$WORKERS"
 finish_output "$OUT" "$SETTINGS"

@@ -10,7 +10,9 @@ USAGE="Usage: $SCRIPT_NAME [options] INPUT_DIR OUT_DIR
 
 INPUT_DIR holds untokenized, line-aligned {train,valid,test}.{SRC,TGT}. Builds
 OUT_DIR/tok/ (Moses-tokenized words), OUT_DIR/subword/ and OUT_DIR/data-bin/ exactly as
-prepare_iwslt14.sh does, except that the splits are taken as given (only train is cleaned).
+prepare_iwslt14.sh does, except that the splits are taken as given (only train is cleaned), and
+OUT_DIR/raw/{valid,test}.{SRC,TGT}: the input's valid and test text as given (untokenized, original
+case; the references sacreBLEU is scored against).
 
 Options:
   --src LANG           source language suffix (default de)
@@ -60,6 +62,7 @@ src=$SRC
 tgt=$TGT
 lowercase=$LOWERCASE
 clean=$([ "$CLEAN" = 1 ] && echo "1-$MAX_LEN ratio $RATIO" || echo none)
+raw=raw/{valid,test}.{$SRC,$TGT}: the input text, untokenized, original case
 $(subword_settings)"
 check_existing_output "$OUT" "$SETTINGS"
 begin_output "$OUT"
@@ -85,6 +88,13 @@ fi
 rm -rf "$WORK/raw"
 for split in train valid test; do
   log "  $split: $(wc -l <"$WORK/tok/$split.$SRC") pairs"
+done
+step "keeping the untokenized, original-case valid and test text in raw/ (the references of sacreBLEU)"
+mkdir -p "$WORK/raw"
+for split in valid test; do
+  for lang in $SRC $TGT; do
+    awk 1 "$IN/$split.$lang" >"$WORK/raw/$split.$lang"  # as given, each line ending in a newline
+  done
 done
 
 subword_and_binarize_clean "$WORK" "$SRC" "$TGT" "$METHOD" "$SIZE" "$MASK_TOKEN" "$WORKERS"
