@@ -400,7 +400,6 @@ def filter_scores(kind, cond, data, pretrained, pre_seed, args, preset, train_ar
     partial = out / f"{kind}.txt.partial"
     out.mkdir(parents=True, exist_ok=True)
     PROGRESS.stage(out.name, f"scoring the training pairs ({kind}) …")
-    PROGRESS.stage(out.name, f"scoring the training pairs ({kind}) …")
     run(cmd + ["--output", str(partial)], args.out / "logs" / f"{out.name}-{kind}.log")
     partial.rename(scores)
     return scores
