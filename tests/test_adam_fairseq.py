@@ -65,6 +65,7 @@ def test_what_it_cannot_replay_is_refused_in_one_line(tiny_data_bin, tmp_path, e
 
 def test_fp16_wraps_it_around_flat_fp32_masters_whose_records_replay_in_model_shapes(tiny_data_bin):
     """(fairseq's FP16Optimizer does not step on the CPU; the step itself is taken here on the masters.)"""
+    torch.manual_seed(0)  # the model's initialisation and the masters' gradient below
     args = options.parse_args_and_arch(options.get_training_parser(), [tiny_data_bin] + TINY_TRANSFORMER + TEACHER
                                        + ["--lr", "0.001", "--fp16"])
     cfg = convert_namespace_to_omegaconf(args)

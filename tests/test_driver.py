@@ -30,6 +30,23 @@ def _assert_equal(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
+# a unit of the last logged decimal: fairseq rounds the loss to 3 decimals, the driver its statistics
+# to 4 (metrics.log_scalar's round)
+LOGGED_UNITS = {"loss": 1e-3, "teacher_gnorm": 1e-4, "meta_val_loss": 1e-4}
+
+
+def _assert_logged_close(a, b):
+    """Per-update (loss, teacher_gnorm, meta_val_loss) logs of two runs whose arithmetic differs (float32
+    round-off, not bit for bit): a round-off difference can move a value across a rounding boundary, by
+    one unit of its last logged decimal (1.5 units: parsing the decimal strings adds binary noise)."""
+    assert len(a) == len(b)
+    for update, (x, y) in enumerate(zip(a, b)):
+        for name, u, v in zip(("loss", "teacher_gnorm", "meta_val_loss"), x, y):
+            assert (u is None) == (v is None), (update, name, u, v)
+            if u is not None:
+                assert float(u) == pytest.approx(float(v), rel=0, abs=1.5 * LOGGED_UNITS[name]), (update, name)
+
+
 def check_resume_is_bit_identical(data, tmp_path, flags, stop=4, end=10):
     """``end`` updates in one run against ``stop``, stopped (by default after the meta-update at 3,
     with updates 3 and 4 still to be replayed at 6) and resumed to ``end``: the same student and
@@ -98,7 +115,7 @@ def test_checkpoint_history_mode_trains_like_reverse(tiny_data_bin, tmp_path):
     for mode in ("reverse", "checkpoint"):
         stats = run_train(tiny_data_bin, str(tmp_path / mode), BASE + ["--max-update", "7", "--reweight-history", mode])
         logs[mode] = [(s["loss"], s.get("teacher_gnorm"), s.get("meta_val_loss")) for s in _inner(stats)]
-    assert logs["reverse"] == logs["checkpoint"]
+    _assert_logged_close(logs["reverse"], logs["checkpoint"])
     assert logs["reverse"][-1][1] is not None  # meta-updates happened
     rev_model, _ = _state(tmp_path / "reverse" / "checkpoint_last.pt")
     ckp_model, _ = _state(tmp_path / "checkpoint" / "checkpoint_last.pt")
@@ -123,7 +140,7 @@ def test_the_kept_newest_step_gives_the_replays_meta_updates(tiny_data_bin, tmp_
             "--max-update", "7", "--reweight-history", mode, "--reweight-newest-step", newest])
         logs[newest] = [(s["loss"], s.get("teacher_gnorm"), s.get("meta_val_loss")) for s in _inner(stats)]
     assert len(used) == 2  # the meta-updates at 3 and 6, from the graphs of updates 2 and 5
-    assert logs["kept"] == logs["replay"]
+    _assert_logged_close(logs["kept"], logs["replay"])
     assert logs["kept"][-1][1] is not None
     kept_model, _ = _state(tmp_path / "kept" / "checkpoint_last.pt")
     replay_model, _ = _state(tmp_path / "replay" / "checkpoint_last.pt")
@@ -168,7 +185,9 @@ def test_two_gloo_processes_match_one_process_with_update_freq_2(tiny_data_bin, 
     for name in ("loss", "meta_val_loss", "teacher_gnorm"):  # equal up to summation order
         a = [float(s.get(name) or "nan") for s in one]
         b = [float(s.get(name) or "nan") for s in two]
-        assert a == pytest.approx(b, rel=1e-3, nan_ok=True), name
+        # and up to a unit of the last logged decimal: teacher_gnorm (~0.007) is logged to 4 decimals,
+        # far coarser than rel=1e-3, so a round-off difference at a rounding boundary is a whole unit
+        assert a == pytest.approx(b, rel=1e-3, abs=1.5 * LOGGED_UNITS[name], nan_ok=True), name
     assert sum(1 for s in one if s.get("teacher_gnorm")) >= 4  # meta-updates at 3 and 6
     one_model, one_teacher = _state(tmp_path / "one" / "checkpoint_last.pt")
     two_model, two_teacher = _state(tmp_path / "two" / "checkpoint_last.pt")

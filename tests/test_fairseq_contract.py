@@ -22,6 +22,7 @@ def _setup(data, extra=()):
                                        + ["--lr", "0.01", "--momentum", "0.9"] + list(extra))
     cfg = convert_namespace_to_omegaconf(args)
     task = tasks.setup_task(cfg.task)
+    torch.manual_seed(0)  # the model's initialisation (and dropout below): the values the tests compare
     return cfg, task, task.build_model(cfg.model), task.build_criterion(cfg.criterion)
 
 

@@ -57,7 +57,11 @@ def test_chunks_split_the_updates_a_meta_update_replays_and_train_as_whole_ones(
     assert sorted(micro_batches) == [0, 1, 2, 3]
     assert collections.Counter(calls) == {update: count * (3 if update in (2, 3) else 1)
                                           for update, count in micro_batches.items()}
-    assert _train_losses(chunked) == _train_losses(whole) and len(_train_losses(whole)) == 4
+    # the chunks sum their sentences' losses in another order: float32 round-off, which can move a loss
+    # logged to 3 decimals by one unit of the last (1.5: parsing the decimal strings adds binary noise)
+    assert [float(loss) for loss in _train_losses(chunked)] == pytest.approx(
+        [float(loss) for loss in _train_losses(whole)], rel=0, abs=1.5e-3)
+    assert len(_train_losses(whole)) == 4
     assert [s["bsz"] for s in _inner(chunked)] == [s["bsz"] for s in _inner(whole)]
     a = torch.load(tmp_path / "whole" / "checkpoint_last.pt")["model"]
     b = torch.load(tmp_path / "chunked" / "checkpoint_last.pt")["model"]
@@ -71,7 +75,9 @@ def test_teacher_at_init_matches_uniform_loss(tiny_data_bin, tmp_path):
     base = run_train(tiny_data_bin, str(tmp_path / "a"), COMMON + REWEIGHT + ["--reweight-teacher", "none"])
     deep = run_train(tiny_data_bin, str(tmp_path / "b"), COMMON + REWEIGHT + ["--reweight-interval", "4"])
     first_base, first_deep = float(_train_losses(base)[0]), float(_train_losses(deep)[0])
-    assert first_deep == first_base  # logged to 3 decimals
+    # logged to 3 decimals; the teacher's criterion takes the loss from the logits (core.losses), not
+    # fairseq's way: float32 round-off can move the last logged decimal by one (1.5: parsing noise)
+    assert first_deep == pytest.approx(first_base, rel=0, abs=1.5e-3)
 
 
 def test_bf16_trains_with_meta_updates(tiny_data_bin, tmp_path):
@@ -186,6 +192,7 @@ def test_meta_valid_loss_is_the_criterion_the_plain_nll_or_its_sentence_mean(tin
     args = options.parse_args_and_arch(options.get_training_parser(), [tiny_data_bin] + COMMON + REWEIGHT)
     cfg = convert_namespace_to_omegaconf(args)
     task = tasks.setup_task(cfg.task)
+    torch.manual_seed(0)  # the student's initialisation: the values compared below
     model, criterion = task.build_model(cfg.model), task.build_criterion(cfg.criterion)
     sample = next(task.meta_valid_batches())
     model.eval()

@@ -41,6 +41,7 @@ def test_values_are_fairseqs_zero_on_padding(epsilon):
 
 
 def test_first_second_forward_and_forward_over_reverse_derivatives_are_exact():
+    torch.manual_seed(0)  # the weights and grad_loss below
     logits, target = _problem()
     keep = target.ne(PAD).double()
     safe = target.masked_fill(target.eq(PAD), 0)
@@ -62,6 +63,7 @@ def test_first_second_forward_and_forward_over_reverse_derivatives_are_exact():
 
 
 def test_hessian_vector_product_matches_fairseqs_formulation():
+    torch.manual_seed(0)  # the weights and the vector below
     logits, target = _problem()
     weights = torch.rand(len(target), dtype=torch.float64)
     vector = torch.randn_like(logits)
@@ -96,6 +98,7 @@ def _setup(data, extra=()):
 
 @pytest.mark.parametrize("extra", [[], ["--ignore-prefix-size", "1", "--report-accuracy"]], ids=["plain", "prefix"])
 def test_the_criterion_takes_the_same_loss_and_hessian_products_from_the_logits(tiny_data_bin, monkeypatch, extra):
+    torch.manual_seed(0)  # the model's and the teacher's initialisation, and the vector below
     task, model, criterion = _setup(tiny_data_bin, ["--dropout", "0"] + extra)
     assert contract.logits_are_log_softmax_input(model)
     task.load_dataset("train")

@@ -37,6 +37,7 @@ def test_zero_initialised_teacher_gives_uniform_weights_zero_on_padding():
 
 
 def test_explicit_teacher_parameters_are_used_and_differentiable():
+    torch.manual_seed(0)  # the initialisation of the teacher's hidden layer and label embedding
     sample, encoder_out, lprobs = _batch()
     weigher = _weigher(hidden_layers=1, hidden_dim=8)
     params = {name: (p + 0.3).requires_grad_() for name, p in weigher.teacher.named_parameters()}
@@ -51,6 +52,7 @@ def test_explicit_teacher_parameters_are_used_and_differentiable():
 
 
 def test_sentence_granularity_gives_every_token_its_sentence_mean():
+    torch.manual_seed(0)  # the label embedding drawn below
     sample, encoder_out, lprobs = _batch()
     weigher = _weigher(granularity="sentence")
     with torch.no_grad():

@@ -32,7 +32,13 @@ def test_oracle_without_noise_is_the_baseline_bit_for_bit(tiny_data_bin, tmp_pat
     base = run_train(tiny_data_bin, str(tmp_path / "base"), COMMON + ["--reweight-teacher", "none"])
     oracle = run_train(tiny_data_bin, str(tmp_path / "oracle"), COMMON + [
         "--reweight-teacher", "oracle", "--reweight-noise-sidecar", _sidecar(tmp_path / "none.noise", set())])
-    assert _losses(base) == _losses(oracle) and len(_losses(base)) == 6
+    # the updates are bit for bit (the weights' gradient is exactly 1), the logged loss is not: fairseq's
+    # criterion sums the NLL and the smoothing term apart before combining them, the weighted one
+    # combines per token and sums; float32 round-off can move a loss logged to 3 decimals by one unit
+    # of the last (1.5: parsing the decimal strings adds binary noise)
+    assert [float(loss) for loss in _losses(oracle)] == pytest.approx([float(loss) for loss in _losses(base)],
+                                                                       rel=0, abs=1.5e-3)
+    assert len(_losses(base)) == 6
     a, b = _model(tmp_path / "base"), _model(tmp_path / "oracle")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
