@@ -1,7 +1,5 @@
-"""Masked-word noise of Fan et al. (AAAI 2021), applied to a tokenized parallel training corpus.
-
-    python mask_noise.py -p 0.1 -q 0.15 --seed 1 --mask-token '<mask>' \
-        SRC_IN TGT_IN SRC_OUT TGT_OUT NOISE_OUT [--stats-json FILE]
+"""Masked-word noise of Fan et al. (AAAI 2021), applied to a tokenized parallel training corpus
+(``crawl_noise.py --kind mask``, which make_noisy_parallel.sh and make_noisy_iwslt.sh run).
 
 Each sentence pair is chosen with probability p; in a chosen pair every word (whitespace-separated
 token, punctuation included) of the source and of the target is replaced by the mask token with
@@ -10,11 +8,8 @@ input give the same output. NOISE_OUT gets one line per pair: 1 if at least one 
 masked, 0 if the pair is unchanged (a chosen pair in which no word was drawn stays 0).
 """
 
-import argparse
-import json
 import random
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import textfile
 
@@ -122,34 +117,3 @@ def noise_corpus(src_in, tgt_in, src_out, tgt_out, noise_out, p, q, seed, mask_t
             fno.write("1\n" if changed else "0\n")
     return stats
 
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-p", type=float, default=0.1, help="probability that a pair is chosen")
-    parser.add_argument("-q", type=float, default=0.15, help="probability that a word of a chosen pair is masked")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--mask-token", default="<mask>")
-    parser.add_argument("--stats-json", help="also write the counts as JSON here")
-    parser.add_argument("src_in")
-    parser.add_argument("tgt_in")
-    parser.add_argument("src_out")
-    parser.add_argument("tgt_out")
-    parser.add_argument("noise_out", help="sidecar: one line per pair, 1 = noised, 0 = clean")
-    args = parser.parse_args(argv)
-    if not args.mask_token or any(c.isspace() for c in args.mask_token):
-        sys.exit(f"mask_noise.py: error: --mask-token must be one non-empty word without spaces, got {args.mask_token!r}")
-    try:
-        stats = noise_corpus(args.src_in, args.tgt_in, args.src_out, args.tgt_out, args.noise_out,
-                             args.p, args.q, args.seed, args.mask_token)
-    except ValueError as e:
-        sys.exit(f"mask_noise.py: error: {e}")
-    for line in stats.summary_lines():
-        print("  noise: " + line, file=sys.stderr)
-    if args.stats_json:
-        with open(args.stats_json, "w", encoding="utf-8") as f:
-            json.dump(asdict(stats), f, indent=2)
-            f.write("\n")
-
-
-if __name__ == "__main__":
-    main()

@@ -409,7 +409,8 @@ def test_non_utf8_corpus_is_one_line_naming_the_file_line_and_byte(work, corpus)
 
 @pytest.mark.parametrize("helper", [["moses_tokenize.py", "de", "{de}", "{out}.de"],
                                     ["clean_corpus.py", "{en}", "{de}", "{out}.en", "{out}.de"],
-                                    ["mask_noise.py", "{en}", "{de}", "{out}.en", "{out}.de", "{out}.noise"],
+                                    ["crawl_noise.py", "--kind", "mask", "{en}", "{de}", "{out}.en", "{out}.de",
+                                     "{out}.noise"],
                                     ["subwords.py", "learn-bpe", "--merges", "5", "--out", "{out}.code",
                                      "{en}", "{de}"],
                                     ["subwords.py", "train-spm", "--vocab-size", "20", "--model-prefix", "{out}",
