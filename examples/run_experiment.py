@@ -9,7 +9,7 @@ For each data condition (a fairseq data-bin made by data_prep/, e.g. ``clean`` a
      a fine-tune must beat), ``baseline`` (--reweight-teacher none),
      ``oracle`` (noisy pairs weighted 0 from the data-bin's train.noise: the bound of
      down-weighting the noise; skipped where there is no sidecar), ``surface``, ``deep`` (the paper's),
-     ``robust`` (``--reweight-preset robust``) and every
+     ``robust`` (``--reweight-preset robust``), ``l2t`` (L2T-data, the paper's Table 7 baseline) and every
      ``--variant NAME="FLAGS"`` (the deep teacher with FLAGS, e.g. ``--teacher-hidden-layers 1``);
   3. translate the test set with ``fairseq-generate --beam 5`` and score it (examples/results.py):
      sacreBLEU and chrF (sacrebleu's defaults, with signatures and 95 % bootstrap CIs) of the
@@ -88,6 +88,7 @@ METHODS = {
     "surface": "--reweight-teacher surface",
     "deep": "--reweight-teacher deep",
     "robust": "--reweight-teacher deep --reweight-preset robust",
+    "l2t": "--reweight-teacher l2t",  # L2T-data (Fan et al., ICLR 2018): the paper's Table 7 baseline
     # filters (filter_method): drop the worst-scored pairs, fine-tune with the fixed 0/1 pair weights
     "filter-ce": "--reweight-teacher pairs",
     "filter-dcce": "--reweight-teacher pairs",

@@ -107,9 +107,10 @@ def _run(args) -> float:
     parser = options.get_training_parser()
     fairseq_args = options.parse_args_and_arch(parser, args.fairseq_args + ["--cpu"])
     cfg = convert_namespace_to_omegaconf(fairseq_args)
-    if cfg.task._name != "reweight_translation" or cfg.task.reweight_teacher in ("none", "oracle", "pairs"):
+    if cfg.task._name != "reweight_translation" or cfg.task.reweight_teacher in ("none", "oracle", "pairs", "l2t"):
         raise ReweightConfigError("gradcheck needs --task reweight_translation with a learned teacher "
-                                  "(not --reweight-teacher none, oracle or pairs)")
+                                  "(not --reweight-teacher none, oracle or pairs) whose gradient is a hypergradient "
+                                  "(not l2t, which learns by REINFORCE)")
     # the check compares the teacher gradient at these B steps: no teacher step in between (K = B),
     # and the B steps are trained as the updates before a meta-update are (--reweight-chunks)
     cfg.task.reweight_interval = cfg.task.reweight_backprop_steps

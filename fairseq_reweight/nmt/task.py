@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ReweightTranslationConfig(TranslationConfig):
-    reweight_teacher: ChoiceEnum(["none", "deep", "surface", "oracle", "pairs"]) = field(
+    reweight_teacher: ChoiceEnum(["none", "deep", "surface", "oracle", "pairs", "l2t"]) = field(
         default="deep",
         metadata={
             "help": "none: uniform weights (plain fine-tuning, the baseline); deep: the paper's "
@@ -44,7 +44,9 @@ class ReweightTranslationConfig(TranslationConfig):
             "a teacher on surface features only (progress, loss, best-valid, prediction, margin); "
             "oracle: weight 0 for every token of a pair --reweight-noise-sidecar marks noisy, 1 "
             "otherwise (the bound of down-weighting the noise; no meta-updates); pairs: the fixed "
-            "per-pair weights of --reweight-pair-weights (e.g. a filter's 0/1; no meta-updates)"
+            "per-pair weights of --reweight-pair-weights (e.g. a filter's 0/1; no meta-updates); l2t: L2T-data "
+            "(Fan et al., ICLR 2018), a policy on surface features that keeps or drops each sentence, trained by "
+            "REINFORCE on the validation loss's decrease every --reweight-interval updates (nmt/l2t.py)"
         },
     )
     reweight_preset: ChoiceEnum(["none", "robust"]) = field(
@@ -57,7 +59,7 @@ class ReweightTranslationConfig(TranslationConfig):
         default="",
         metadata={
             "help": "comma-separated teacher inputs from " + ",".join(ALL_FEATURES) + "; default "
-            "encoder,label for --reweight-teacher deep and all surface features for surface"
+            "encoder,label for --reweight-teacher deep and all surface features for surface and l2t"
         },
     )
     teacher_hidden_layers: int = field(
@@ -190,7 +192,7 @@ class ReweightTranslationTask(TranslationTask):
         apply_preset(cfg)
         if cfg.reweight_chunks < 1:
             raise ReweightConfigError(f"--reweight-chunks must be >= 1, got {cfg.reweight_chunks}")
-        if cfg.reweight_chunks > 1 and cfg.reweight_teacher in ("none", "oracle", "pairs"):
+        if cfg.reweight_chunks > 1 and cfg.reweight_teacher in ("none", "oracle", "pairs", "l2t"):
             logger.info(f"--reweight-chunks {cfg.reweight_chunks} has no effect with --reweight-teacher "
                         f"{cfg.reweight_teacher}: no update is replayed, every micro-batch trains whole")
         if cfg.reweight_teacher != "none":
@@ -217,6 +219,10 @@ class ReweightTranslationTask(TranslationTask):
         if self.cfg.reweight_teacher in ("oracle", "pairs"):
             return self._attach_oracle(criterion)
         self._check_meta_valid_split()
+        if self.cfg.reweight_teacher == "l2t":
+            from fairseq_reweight.nmt import l2t
+
+            return l2t.attach(self, criterion)
         model_cfg = self._model_cfg
         check_dual_attention_dropout(self.cfg.reweight_hvp, model_cfg)
         weigher = TokenWeigher(
@@ -278,7 +284,7 @@ class ReweightTranslationTask(TranslationTask):
         """With attention dropout, fused attention kernels draw other dropout masks than the math
         kernel the replay needs (it has no double backward otherwise), so the training forward runs
         under the math kernel too; without attention dropout both give the same function."""
-        if self.driver is not None and getattr(self._model_cfg, "attention_dropout", 0.0) > 0:
+        if isinstance(self.driver, ReweightDriver) and getattr(self._model_cfg, "attention_dropout", 0.0) > 0:
             return math_attention()
         return contextlib.nullcontext()
 
@@ -418,6 +424,10 @@ def check_options(cfg: ReweightTranslationConfig) -> None:
             raise ReweightConfigError("--reweight-teacher pairs needs --reweight-pair-weights (one weight per "
                                       "training pair, e.g. written by examples/run_experiment.py's filter methods)")
         return
+    if cfg.reweight_teacher == "l2t":
+        from fairseq_reweight.nmt import l2t
+
+        return l2t.check_options(cfg)
     check_schedule(cfg.reweight_interval, cfg.reweight_backprop_steps)
     if cfg.memory_efficient_fp16:
         raise ReweightConfigError("--memory-efficient-fp16 keeps no fp32 master weights to replay steps from; use --fp16")

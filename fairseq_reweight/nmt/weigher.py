@@ -22,6 +22,7 @@ SURFACE_FEATURES = {"progress": ("progress",), "loss": ("example_loss", "mean_tr
                     "best-valid": ("best_valid",), "prediction": ("prediction",), "margin": ("margin",)}
 ALL_FEATURES = STATE_FEATURES + ("label",) + tuple(SURFACE_FEATURES)
 DEFAULT_FEATURES = {"deep": "encoder,label", "surface": "progress,loss,best-valid,prediction,margin"}
+DEFAULT_FEATURES["l2t"] = DEFAULT_FEATURES["surface"]  # its policy's inputs, pooled per sentence (nmt/l2t.py)
 
 
 def parse_features(spec: str, teacher: str) -> List[str]:
