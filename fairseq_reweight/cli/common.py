@@ -5,6 +5,7 @@ import os
 import sys
 from typing import Callable, List, Optional
 
+import fairseq_reweight  # noqa: F401  (importing fairseq configures the root logger; run_command replaces that)
 from fairseq_reweight.core.errors import ReweightConfigError, install_excepthook
 
 
@@ -55,8 +56,6 @@ def command(build_parser: Callable[[], argparse.ArgumentParser], run: Callable, 
 
 def run_command(main, argv=None):
     """Run a command's ``main(argv)`` with warnings only on stderr and one-line errors."""
-    import fairseq_reweight  # noqa: F401  (importing fairseq configures the root logger; replaced below)
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s | %(name)s | %(message)s", stream=sys.stderr,
                         force=True)
     install_excepthook()

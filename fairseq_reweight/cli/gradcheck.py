@@ -16,10 +16,19 @@ The teacher is given small random parameters first, so that every part of it get
 """
 import argparse
 import logging
+import os
 import sys
 from unittest import mock
 
 import torch
+from fairseq import checkpoint_utils, options, tasks
+from fairseq import utils as fairseq_utils
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq.trainer import Trainer
+
+from fairseq_reweight.core import unrolled_hypergradient
+from fairseq_reweight.core.errors import ReweightConfigError
+from fairseq_reweight.nmt.replay import replay_session, teacher_hypergradient
 
 logger = logging.getLogger("fairseq_reweight.cli.gradcheck")
 
@@ -58,8 +67,6 @@ def _softmax_in_dtype(x, dim: int, onnx_trace: bool = False):
 
 def run(args) -> float:
     """The check (see the module docstring); returns the largest relative error."""
-    from fairseq import utils as fairseq_utils
-
     if args.gradcheck_dtype != "float64":
         return _run(args)
     # scoped to the check: fairseq computes (log-)softmax in float32 even for a float64 model, which
@@ -72,12 +79,6 @@ def run(args) -> float:
 def load_student(model, cfg) -> None:
     """``--restore-file PATH``: check at that checkpoint's student (its teacher is not used: the check
     draws small random teacher parameters). fairseq's default, checkpoint_last.pt, means none."""
-    import os
-
-    from fairseq import checkpoint_utils
-
-    from fairseq_reweight.core.errors import ReweightConfigError
-
     path = cfg.checkpoint.restore_file
     if path == "checkpoint_last.pt":
         return
@@ -95,15 +96,6 @@ def load_student(model, cfg) -> None:
 
 
 def _run(args) -> float:
-    from fairseq import options, tasks
-    from fairseq import utils as fairseq_utils
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-    from fairseq.trainer import Trainer
-
-    from fairseq_reweight.core import unrolled_hypergradient
-    from fairseq_reweight.core.errors import ReweightConfigError
-    from fairseq_reweight.nmt.replay import replay_session, teacher_hypergradient
-
     parser = options.get_training_parser()
     fairseq_args = options.parse_args_and_arch(parser, args.fairseq_args + ["--cpu"])
     cfg = convert_namespace_to_omegaconf(fairseq_args)

@@ -35,33 +35,24 @@ Writes to ``--out``: ``tokens.tsv`` (``id``, ``position``, ``token``, ``noisy``,
 """
 import argparse
 import os
-from dataclasses import dataclass
 from typing import List, Optional
 
 import numpy as np
+import torch
+from fairseq import checkpoint_utils, utils
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
-from fairseq_reweight.cli.common import add_checkpoint_arguments, command, resolve_sidecar
-
-
-@dataclass
-class TokenInfluence:
-    """Per-token results, flattened over sentences in ascending id order (eos included)."""
-
-    ids: np.ndarray  # sentence id of each token
-    positions: np.ndarray
-    tokens: np.ndarray
-    loss: np.ndarray  # training loss of the token (the criterion's, nats)
-    influence: np.ndarray  # grad l_i . grad L_valid
-    influence_random_label: np.ndarray  # the same with a random label at the token's position
+import fairseq_reweight  # noqa: F401  (registers the components and the safe-loading allow-list)
+from fairseq_reweight.cli.common import add_checkpoint_arguments, check_checkpoint_and_data, command, resolve_sidecar
+from fairseq_reweight.cli.influence_layers import influence_by_group, layer_table
+from fairseq_reweight.cli.influence_tokens import TokenInfluence, sentence_means, token_influence
+from fairseq_reweight.core import math_attention
+from fairseq_reweight.core.errors import ReweightConfigError
+from fairseq_reweight.core.metrics import read_noise_sidecar, roc_auc_low_weight_noisy, select_sentences, spearman
 
 
 def load_checkpoint(path: str, data: str, use_cuda: bool):
     """(task, model, label smoothing) of any fairseq translation checkpoint, with DATA as its data-bin."""
-    import fairseq_reweight  # noqa: F401  (registers the components and the safe-loading allow-list)
-    from fairseq import checkpoint_utils
-
-    from fairseq_reweight.cli.common import check_checkpoint_and_data
-
     check_checkpoint_and_data(path, data)
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": data})
     model = models[0]
@@ -72,27 +63,8 @@ def load_checkpoint(path: str, data: str, use_cuda: bool):
     return task, model, eps
 
 
-def token_loss_slopes(dlprobs, labels, eps: float):
-    """Directional derivatives of fairseq's label-smoothed token loss for the given labels.
-
-    ``label_smoothed_nll_loss`` is ``(1 - eps - eps_i) * (-lprobs[y]) + eps_i * sum_v(-lprobs[v])``
-    with ``eps_i = eps / (V - 1)``; it is linear in ``lprobs``, so its derivative along a direction is
-    the same expression in the derivative ``dlprobs`` (B x T x V) of the log-probabilities.
-    """
-    vocab = dlprobs.size(-1)
-    eps_i = eps / (vocab - 1)
-    picked = dlprobs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return -(1.0 - eps - eps_i) * picked - eps_i * dlprobs.sum(-1)
-
-
 def validation_gradient(task, model, subset: str, eps: float, valid_loss: str, max_tokens: int, device):
     """(token-averaged validation loss, its gradient as a {name: tensor} dict, tokens) over SUBSET."""
-    import torch
-    from fairseq import utils
-    from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
-
-    from fairseq_reweight.core import math_attention
-
     dataset = task.dataset(subset)
     indices = dataset.ordered_indices()
     batches = dataset.batch_by_size(indices, max_tokens=max_tokens)
@@ -116,70 +88,8 @@ def validation_gradient(task, model, subset: str, eps: float, valid_loss: str, m
         total_loss += float(objective.detach())
         total_tokens += int(sample["target"].ne(pad).sum())
     if total_tokens == 0:
-        from fairseq_reweight.core.errors import ReweightConfigError
-
         raise ReweightConfigError(f"validation split {subset!r} has no target tokens")
     return total_loss / total_tokens, {n: g / total_tokens for n, g in grads.items()}, total_tokens
-
-
-def token_influence(model, dataset, indices, direction: dict, eps: float, pad: int,
-                    max_tokens: int, seed: int, num_special: int) -> TokenInfluence:
-    """``grad l_i . direction`` for every target token of ``dataset[indices]`` (forward-mode AD);
-    ``direction`` maps the model's parameter names to tensors of their shapes."""
-    import torch
-    from torch.autograd import forward_ad
-    from fairseq import utils
-
-    from fairseq_reweight.core import math_attention
-    from fairseq_reweight.core.reparam import substitute_parameters
-
-    device = next(model.parameters()).device
-    indices = np.asarray(indices, dtype=np.int64)
-    indices = indices[np.argsort(dataset.num_tokens_vec(indices), kind="mergesort")]  # less padding
-    generator = torch.Generator().manual_seed(seed)
-    rows = {}
-    model.eval()
-    for batch in dataset.batch_by_size(indices, max_tokens=max_tokens):
-        sample = dataset.collater([dataset[int(i)] for i in batch])
-        if device.type == "cuda":
-            sample = utils.move_to_cuda(sample, device=device)
-        target = sample["target"]
-        with torch.no_grad(), math_attention(), forward_ad.dual_level():
-            duals = {name: forward_ad.make_dual(p.detach(), direction[name]) for name, p in model.named_parameters()}
-            with substitute_parameters(model, duals):
-                lprobs = model.get_normalized_probs(model(**sample["net_input"]), log_probs=True)
-            primal, tangent = forward_ad.unpack_dual(lprobs)
-            primal, tangent = primal.float(), tangent.float()
-        vocab = primal.size(-1)
-        random_labels = torch.randint(num_special, vocab, target.shape, generator=generator).to(target.device)
-        loss = token_loss_slopes(primal, target, eps)  # the loss is linear in lprobs too
-        influence = token_loss_slopes(tangent, target, eps)
-        influence_random = token_loss_slopes(tangent, random_labels, eps)
-        mask = target.ne(pad)
-        for row, sentence_id in enumerate(sample["id"].tolist()):
-            keep = mask[row]
-            rows[sentence_id] = tuple(
-                t[row][keep].cpu().numpy() for t in (target, loss, influence, influence_random)
-            )
-    ids = sorted(rows)
-    if not ids:
-        empty = np.zeros(0)
-        return TokenInfluence(empty.astype(np.int64), empty.astype(np.int64), empty.astype(np.int64), empty, empty, empty)
-    lengths = [len(rows[i][0]) for i in ids]
-    return TokenInfluence(
-        ids=np.repeat(np.array(ids, dtype=np.int64), lengths),
-        positions=np.concatenate([np.arange(n) for n in lengths]),
-        tokens=np.concatenate([rows[i][0] for i in ids]).astype(np.int64),
-        loss=np.concatenate([rows[i][1] for i in ids]).astype(np.float64),
-        influence=np.concatenate([rows[i][2] for i in ids]).astype(np.float64),
-        influence_random_label=np.concatenate([rows[i][3] for i in ids]).astype(np.float64),
-    )
-
-
-def sentence_means(ids: np.ndarray, values: np.ndarray):
-    """(sentence ids, token counts, mean of ``values`` per sentence), ids ascending."""
-    unique, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
-    return unique, counts, np.bincount(inverse, weights=values, minlength=len(unique)) / np.maximum(counts, 1)
 
 
 def group_table(result: TokenInfluence, token_noisy: Optional[np.ndarray], mask_id: Optional[int]) -> List[str]:
@@ -225,8 +135,6 @@ def write_tables(out_dir, result: TokenInfluence, tgt_dict, token_noisy, sentenc
 
 def noise_summary_lines(result, sent_influence, sent_noisy, token_noisy, sidecar):
     """The summary's noise lines and figures: the AUC of 'low influence => noisy pair', if labelled."""
-    from fairseq_reweight.core.metrics import roc_auc_low_weight_noisy
-
     if sent_noisy is None:
         return ["no noise sidecar: no AUC (give --noise-sidecar, e.g. data-bin/train.noise)"], {}
     auc = roc_auc_low_weight_noisy(sent_influence, sent_noisy)
@@ -241,13 +149,6 @@ def noise_summary_lines(result, sent_influence, sent_noisy, token_noisy, sidecar
 
 def run(args) -> dict:
     """Compute, write the outputs, return the figures (and print the table)."""
-    import torch
-
-    from fairseq import utils
-
-    from fairseq_reweight.core.errors import ReweightConfigError
-    from fairseq_reweight.core.metrics import read_noise_sidecar, select_sentences, spearman
-
     if args.max_sentences is not None and args.max_sentences < 1:
         raise ReweightConfigError(f"--max-sentences must be >= 1, got {args.max_sentences}")
     use_cuda = torch.cuda.is_available() and not args.cpu
@@ -298,9 +199,7 @@ def run(args) -> dict:
     figures = {"num_sentences": len(sent_ids), "num_tokens": len(result.tokens), "valid_loss": valid_value,
                "result": result, "tokens_tsv": tokens_path, "sentences_tsv": sentences_path}
     if args.by_layer:
-        from fairseq_reweight.cli.influence_layers import influence_by_group, layer_table
-
-        by_group = influence_by_group(model, dataset, indices, direction, token_influence, eps=eps, pad=tgt_dict.pad(),
+        by_group = influence_by_group(model, dataset, indices, direction, eps=eps, pad=tgt_dict.pad(),
                                       max_tokens=args.max_tokens, seed=args.seed, num_special=tgt_dict.nspecial)
         lines += layer_table(by_group, token_noisy, mask_id)
         figures["by_layer"] = by_group

@@ -9,6 +9,10 @@ import re
 from typing import Dict, List, Optional
 
 import numpy as np
+import torch
+
+from fairseq_reweight.cli.influence_tokens import sentence_means, token_influence
+from fairseq_reweight.core.metrics import roc_auc_low_weight_noisy
 
 # first match wins; names as fairseq's Transformer gives them
 GROUPS = [
@@ -31,10 +35,9 @@ def parameter_groups(names: List[str]) -> Dict[str, List[str]]:
     return groups
 
 
-def influence_by_group(model, dataset, indices, direction: dict, token_influence, **kwargs):
-    """{group: TokenInfluence with the direction restricted to that group}."""
-    import torch
-
+def influence_by_group(model, dataset, indices, direction: dict, **kwargs):
+    """{group: TokenInfluence with the direction restricted to that group}; ``kwargs`` as
+    :func:`~fairseq_reweight.cli.influence_tokens.token_influence` takes them."""
     out = {}
     for label, names in parameter_groups(list(direction)).items():
         keep = set(names)
@@ -48,9 +51,6 @@ def layer_table(by_group: dict, token_noisy: Optional[np.ndarray], mask_id: Opti
     targets; with noise labels also each group's sentence-level ROC AUC of 'low influence => noisy
     pair' (what a teacher following only that group's share of the objective could separate, e.g.
     with ``--meta-valid-params``)."""
-    from fairseq_reweight.cli.influence import sentence_means
-    from fairseq_reweight.core.metrics import roc_auc_low_weight_noisy
-
     first = next(iter(by_group.values()))
     columns = [("all", np.ones(len(first.tokens), dtype=bool))]
     if token_noisy is not None:

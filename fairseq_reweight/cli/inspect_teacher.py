@@ -28,8 +28,14 @@ from dataclasses import dataclass
 from typing import List
 
 import numpy as np
+import torch
+from fairseq import checkpoint_utils, utils
 
-from fairseq_reweight.cli.common import add_checkpoint_arguments, command, resolve_sidecar
+import fairseq_reweight  # noqa: F401  (registers the components and the safe-loading allow-list)
+from fairseq_reweight.cli.common import add_checkpoint_arguments, check_checkpoint_and_data, command, resolve_sidecar
+from fairseq_reweight.core.errors import ReweightConfigError
+from fairseq_reweight.core.metrics import noise_summary, read_noise_sidecar, select_sentences, spearman
+from fairseq_reweight.nmt.noise_monitor import score_sentences
 
 PLOT_NAMES = ("weight_hist.png", "weight_vs_loss.png", "weight_by_frequency.png")
 
@@ -52,11 +58,6 @@ def load_teacher_checkpoint(path: str, data: str, use_cuda: bool) -> LoadedTeach
     Raises:
         ReweightConfigError: missing file, or a checkpoint without a teacher.
     """
-    import fairseq_reweight  # noqa: F401  (registers the components and the safe-loading allow-list)
-    from fairseq import checkpoint_utils
-
-    from fairseq_reweight.cli.common import ReweightConfigError, check_checkpoint_and_data
-
     check_checkpoint_and_data(path, data)
     state = checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides={"data": data})
     task_cfg = state["cfg"]["task"] if state.get("cfg") is not None else None
@@ -156,7 +157,8 @@ def _decade_label(decade: int) -> str:
 
 def make_plots(out_dir, scores, noisy, token_buckets, bucket_labels, token_noisy):
     """The three PNGs (see the module docstring); returns their paths."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    # imported here: matplotlib would slow every start (--help too); no pyplot: no GUI backend, no global state
+    from matplotlib.figure import Figure
 
     weights, losses = scores.mean_weight, scores.mean_loss
     groups = [("all sentences", np.ones(len(weights), dtype=bool), "tab:blue")]
@@ -221,14 +223,6 @@ def make_plots(out_dir, scores, noisy, token_buckets, bucket_labels, token_noisy
 # -- the command ------------------------------------------------------------------------------------
 def run(args) -> dict:
     """Score, write the outputs, return the figures (and print the table)."""
-    import torch
-
-    from fairseq import utils
-
-    from fairseq_reweight.core.errors import ReweightConfigError
-    from fairseq_reweight.core.metrics import noise_summary, read_noise_sidecar, select_sentences, spearman
-    from fairseq_reweight.nmt.noise_monitor import score_sentences
-
     if args.max_sentences is not None and args.max_sentences < 1:
         raise ReweightConfigError(f"--max-sentences must be >= 1, got {args.max_sentences}")
     if args.max_tokens is None and args.batch_size is None:

@@ -34,9 +34,13 @@ import time
 from typing import Optional
 
 import numpy as np
+import torch
+from fairseq import checkpoint_utils, utils
 
-from fairseq_reweight.cli.common import run_command
+import fairseq_reweight  # noqa: F401  (registers the components and the safe-loading allow-list)
+from fairseq_reweight.cli.common import check_checkpoint_and_data, run_command
 from fairseq_reweight.core.errors import ReweightConfigError
+from fairseq_reweight.core.metrics import read_noise_sidecar, roc_auc_low_weight_noisy
 
 
 def dual_conditional_cross_entropy(h_forward, h_reverse):
@@ -53,8 +57,6 @@ def excess_loss(h_student, h_reference):
 def noise_auc(scores, noisy, higher_is_worse: bool = True) -> float:
     """ROC AUC of the score as a noise detector: the probability that a random noisy pair is on the
     worse side of a random clean one (ties half); 0.5 = no better than chance, NaN with one class."""
-    from fairseq_reweight.core.metrics import roc_auc_low_weight_noisy
-
     badness = np.asarray(scores, dtype=np.float64) * (1.0 if higher_is_worse else -1.0)
     finite = badness[np.isfinite(badness)]
     top = finite.max() + 1.0 if finite.size else 1.0
@@ -64,11 +66,6 @@ def noise_auc(scores, noisy, higher_is_worse: bool = True) -> float:
 
 def load_model(path: str, data: str, use_cuda: bool, what: str):
     """(task, model in eval mode) of a translation checkpoint, with DATA as its data-bin."""
-    import fairseq_reweight  # noqa: F401  (registers the components and the safe-loading allow-list)
-    from fairseq import checkpoint_utils
-
-    from fairseq_reweight.cli.common import check_checkpoint_and_data
-
     if not os.path.isfile(path):
         raise ReweightConfigError(f"{what} checkpoint {path!r} not found: give a checkpoint_*.pt written by fairseq-train")
     check_checkpoint_and_data(path, data)
@@ -102,9 +99,6 @@ def sentence_cross_entropy(task, model, dataset, max_tokens: int, batch_size: Op
                            log_interval: int = 100, what: str = "model") -> np.ndarray:
     """Per-token mean target NLL (nats) of every pair of ``dataset``, by pair index; inf where a
     pair is longer than the model's maximum positions."""
-    import torch
-    from fairseq import utils
-
     device = next(model.parameters()).device
     scores = np.full(len(dataset), np.inf)
     iterator = task.get_batch_iterator(
@@ -158,8 +152,6 @@ def check_pair(task, other_task, path: str, other_path: str, reverse: bool) -> N
 
 def score(args):
     """(scores in corpus order, higher_is_worse) of the command's options."""
-    import torch
-
     if args.reverse_path and args.reference_path:
         raise ReweightConfigError("give --reverse-path (dual conditional cross-entropy) or --reference-path "
                                   "(excess loss), not both")
@@ -193,8 +185,6 @@ def score(args):
 
 def run(args) -> dict:
     """Score, write the scores, report the noise AUC; returns the figures."""
-    from fairseq_reweight.core.metrics import read_noise_sidecar
-
     scores, higher_is_worse = score(args)
     kind = "dcce" if args.reverse_path else "excess-loss" if args.reference_path else "ce"
     lines = "".join(f"{value:.6f}\n" for value in scores)

@@ -15,8 +15,10 @@ folds them into one (one ``mm``) when the input requires grad or its leading dim
 contiguous; otherwise ``matmul`` runs a ``bmm`` against the weight expanded over the batch. fairseq's
 decoder output is such an input (a transpose), and in the forward-mode pass of
 :func:`~.gradients.teacher_vjp` nothing the student computes requires grad: its output projection,
-the largest product of a small model, then takes 1.4x the time of ``mm`` on the CPU, three times
-(the value and both terms of its tangent). Inside :func:`folded_linear` the rows are folded first.
+the largest product of a small model, then runs as that ``bmm`` (a batch of smaller products
+against the same weight, which the CPU's kernels run less efficiently than one ``mm`` of the folded
+rows), three times (the value and both terms of its tangent). Inside :func:`folded_linear` the rows
+are folded first (what that saved: docs/BENCHMARKS.md; the step's time: ``benchmarks/meta_breakdown.py``).
 """
 import contextlib
 from typing import Iterator

@@ -40,7 +40,9 @@ Contract of the arguments of :func:`reverse_hypergradient`:
   theta-part of every product and to omega_bar at the end; every worker calls it with the same steps.
 - ``teacher_grad_only``: the oldest step needs no theta-adjoint, so its omega-part is computed by
   forward-mode AD (:func:`~.gradients.teacher_vjp`) instead of a double backward through the
-  student (about 1.5 instead of 3 training steps on the CPU, ``benchmarks/meta_breakdown.py``).
+  student: one forward pass with dual numbers and a backward through the teacher alone, where a
+  double backward replays the step's forward and backward and differentiates that backward
+  (``benchmarks/meta_breakdown.py`` times both; figures in docs/BENCHMARKS.md).
   ``param_grad``, ``momentum_grad`` and ``start_params`` then come back empty,
   ``start_momentum_buffers`` None, and ``grad_norms`` holds nan for the oldest step unless it
   was clipped.

@@ -36,8 +36,10 @@ BUCKET_NUMEL = 2 ** 24  # elements per collective (64 MiB in fp32): bounds the f
 def coalesced(tensors: List[torch.Tensor], reduce, bucket_numel: int = BUCKET_NUMEL) -> None:
     """``reduce`` (an in-place collective) applied to flat copies of ``tensors``, one per dtype and
     device and per ``bucket_numel`` elements, the results copied back. One all-reduce per parameter
-    tensor made a meta-update on 2 gloo ranks as slow as on one: each call's latency, ~170 calls a
-    replayed step (``benchmarks/ranks.py``). fairseq's legacy_ddp flattens its gradients the same way."""
+    tensor would pay a collective's latency once per tensor of every list a replayed step reduces,
+    which can outweigh what splitting the work across ranks saves (``benchmarks/ranks.py`` times a
+    meta-update per rank; figures in docs/BENCHMARKS.md). fairseq's legacy_ddp flattens its gradients
+    the same way."""
     buckets, open_buckets = [], {}  # open_buckets: (dtype, device) -> (bucket, its numel)
     for tensor in tensors:
         key = (tensor.dtype, tensor.device)
