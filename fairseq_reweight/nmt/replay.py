@@ -73,7 +73,7 @@ class StudentView:
 
     Without ``--fp16`` the optimizer steps the model's own parameters. With ``--fp16`` it steps fp32
     master copies; the replay then runs on an fp32 copy of the model (built once, kept in
-    ``shadow``) so that the double backward is computed in fp32 (see README, "Precision").
+    ``shadow``) so that the double backward is computed in fp32 (docs/METHOD.md, "Precision").
     """
 
     def __init__(self, model, recorder, shadow: Optional[dict] = None):
