@@ -169,10 +169,8 @@ class ReweightDriver(nn.Module):
 
     def observe(self, logging_output):
         """The running mean training loss (surface feature ``loss``) after each micro-batch."""
-        size = float(logging_output.get("sample_size", 0) or 0)
-        if size > 0 and "loss" in self.weigher.features:
-            loss = logging_output["loss"].detach().float() / size
-            self.running_loss = loss if self.running_loss is None else 0.99 * self.running_loss + 0.01 * loss
+        if "loss" in self.weigher.features:
+            self.running_loss = updated_running_loss(self.running_loss, logging_output)
 
     # -- the meta-update -----------------------------------------------------------------------------
     def meta_update(self, model, criterion, update_num):
@@ -201,13 +199,7 @@ class ReweightDriver(nn.Module):
         self.best_meta_valid_loss = min(self.best_meta_valid_loss, val_loss)
         stats = {"meta_val_loss": val_loss / math.log(2), "teacher_gnorm": gnorm.item(),
                  "meta_time": time.perf_counter() - start}
-        if self.noise_monitor is not None:  # its latest figures, logged when new
-            noise, new = self.noise_monitor.update(self, model, criterion, self.num_meta_updates)
-            stats.update(noise if new else {})
-            self.last_meta_stats.update(noise)
-        for key, value in stats.items():
-            metrics.log_scalar(key, value, round=4)
-        self.last_meta_stats.update(stats)
+        log_teacher_step(stats, self.last_meta_stats, self.noise_monitor, self, model, criterion, self.num_meta_updates)
 
     # -- checkpoint state ----------------------------------------------------------------------------
     COUNTERS = ("num_meta_updates", "best_meta_valid_loss", "meta_valid_consumed", "last_meta_update", "meta_skipped")
@@ -239,6 +231,29 @@ class ReweightDriver(nn.Module):
         self.recorder.load_state_dict(state["history"])
         self._meta_valid_iter = None  # re-created, skipping the batches already used
         self.kept, self.kept_inputs = None, state.get("kept_inputs")
+
+
+def updated_running_loss(running, logging_output):
+    """The running mean training loss (surface feature ``loss``) after a micro-batch: an exponential
+    mean (0.99) of its per-token loss, kept as a tensor (no GPU sync per step); ``running`` itself
+    after an empty micro-batch."""
+    size = float(logging_output.get("sample_size", 0) or 0)
+    if size <= 0:
+        return running
+    loss = logging_output["loss"].detach().float() / size
+    return loss if running is None else 0.99 * running + 0.01 * loss
+
+
+def log_teacher_step(stats, last_stats, noise_monitor, driver, model, criterion, num_steps):
+    """Logs one teacher step's ``stats``, with the noise monitor's figures when it has new ones, and
+    adds both to ``last_stats`` (which every later log line repeats)."""
+    if noise_monitor is not None:
+        noise, new = noise_monitor.update(driver, model, criterion, num_steps)
+        stats.update(noise if new else {})
+        last_stats.update(noise)
+    for key, value in stats.items():
+        metrics.log_scalar(key, value, round=4)
+    last_stats.update(stats)
 
 
 def _float_or_none(value):

@@ -31,8 +31,9 @@ from fairseq_reweight.core.errors import ReweightConfigError
 from fairseq_reweight.core.features import TrainingState, surface_features
 from fairseq_reweight.core.teacher import Teacher, apply_teacher_gradient, normalize_weights
 from fairseq_reweight.nmt import fairseq_contract as contract
+from fairseq_reweight.nmt.driver import log_teacher_step, updated_running_loss
 from fairseq_reweight.nmt.noise_monitor import NoiseAucMonitor, inspection_mode
-from fairseq_reweight.nmt.replay import all_reduce_fn, check_skips, data_parallel
+from fairseq_reweight.nmt.replay import all_reduce_fn, check_skips, data_parallel, meta_valid_loss
 from fairseq_reweight.nmt.weigher import SURFACE_FEATURES, _row_mean, parse_features
 
 logger = logging.getLogger(__name__)
@@ -189,10 +190,8 @@ class L2TDriver(nn.Module):
 
     def observe(self, logging_output):
         """The running mean training loss (surface feature ``loss``) after each micro-batch."""
-        size = float(logging_output.get("sample_size", 0) or 0)
-        if size > 0 and "loss" in self.features:
-            loss = logging_output["loss"].detach().float() / size
-            self.running_loss = loss if self.running_loss is None else 0.99 * self.running_loss + 0.01 * loss
+        if "loss" in self.features:
+            self.running_loss = updated_running_loss(self.running_loss, logging_output)
 
     # -- episodes ---------------------------------------------------------------------------------------
     def _next_batch(self):
@@ -205,14 +204,9 @@ class L2TDriver(nn.Module):
         """``--meta-valid-loss`` of ``sample`` (nats), the model in eval mode (called in inspection mode)."""
         device = next(model.parameters()).device
         sample = utils.move_to_cuda(sample, device=device) if device.type == "cuda" else sample
-        criterion = contract.unwrap_model(criterion)
-        epsilon = criterion.eps if self.cfg.meta_valid_loss == "criterion" else 0.0
-        token_loss = criterion.token_losses(model, model(**sample["net_input"]), sample, epsilon)[0].float()
-        if self.cfg.meta_valid_loss != "sentence-nll":
-            return (token_loss.sum() / float(sample["ntokens"])).item()
-        target = sample["target"][:, criterion.ignore_prefix_size:]
-        per_sentence = token_loss.view(target.shape).sum(1) / target.ne(criterion.padding_idx).sum(1).clamp_min(1)
-        return per_sentence.mean().item()
+        # averaged over the batch's tokens, or its sentences for sentence-nll
+        size = sample["target"].size(0) if self.cfg.meta_valid_loss == "sentence-nll" else sample["ntokens"]
+        return meta_valid_loss(model, criterion, sample, self.cfg.meta_valid_loss, float(size)).item()
 
     def boundary(self, model, criterion, update_num):
         """End the running episode (reward, policy step), start the next on a new validation batch."""
@@ -246,13 +240,8 @@ class L2TDriver(nn.Module):
             self.best_valid = min(self.best_valid, end_loss)
         self.num_episodes += 1
         stats["meta_time"] = time.perf_counter() - start
-        if self.noise_monitor is not None:  # its latest figures (the AUC of the keep probabilities), logged when new
-            noise, new = self.noise_monitor.update(self, model, criterion, self.num_episodes)
-            stats.update(noise if new else {})
-            self.last_stats.update(noise)
-        for key, value in stats.items():
-            metrics.log_scalar(key, value, round=4)
-        self.last_stats.update(stats)
+        # the noise monitor's figures: the AUC of the keep probabilities (token_weights)
+        log_teacher_step(stats, self.last_stats, self.noise_monitor, self, model, criterion, self.num_episodes)
 
     def learn(self, features, actions, reward: float, stats=None) -> bool:
         """The REINFORCE step on one episode; False where nothing was stepped for a non-finite gradient

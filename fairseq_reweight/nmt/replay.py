@@ -113,6 +113,22 @@ class StudentView:
         return map_record_tensors(record, self.to_model_shapes)
 
 
+def meta_valid_loss(model, criterion, sample, valid_loss: str, size: float):
+    """``--meta-valid-loss`` of ``sample`` under ``model`` as it stands (the caller sets eval mode and
+    the parameters), divided by ``size``: the criterion's token loss (label-smoothed with
+    --label-smoothing) or the plain NLL, summed over tokens; or ``sentence-nll``, each sentence's mean
+    token NLL summed over sentences. Half-precision losses are summed in float32."""
+    criterion = contract.unwrap_model(criterion)
+    epsilon = criterion.eps if valid_loss == "criterion" else 0.0  # 0: the loss is the NLL
+    token_loss = criterion.token_losses(model, model(**sample["net_input"]), sample, epsilon)[0]  # 0 on padding
+    token_loss = token_loss.to(torch.promote_types(token_loss.dtype, torch.float32))
+    if valid_loss != "sentence-nll":
+        return token_loss.sum() / size
+    target = sample["target"][:, criterion.ignore_prefix_size:]
+    per_sentence = token_loss.view(target.shape).sum(1) / target.ne(criterion.padding_idx).sum(1).clamp_min(1)
+    return per_sentence.sum() / size
+
+
 class Replay:
     """The student's losses as functions of its parameters, for one meta-update."""
 
@@ -140,16 +156,8 @@ class Replay:
         model = self.student.replay_model
         model.eval()
         size = self.validation_size(sample) if size is None else size
-        criterion = contract.unwrap_model(self.criterion)
-        epsilon = criterion.eps if self.valid_loss == "criterion" else 0.0  # 0: the loss is the NLL
         with substitute_parameters(model, self.student.param_dict(params)):
-            net_output = model(**sample["net_input"])
-            token_loss = criterion.token_losses(model, net_output, sample, epsilon)[0]  # 0 on padding
-        if self.valid_loss != "sentence-nll":
-            return token_loss.sum() / size
-        target = sample["target"][:, criterion.ignore_prefix_size:]
-        per_sentence = token_loss.view(target.shape).sum(1) / target.ne(criterion.padding_idx).sum(1).clamp_min(1)
-        return per_sentence.sum() / size
+            return meta_valid_loss(model, self.criterion, sample, self.valid_loss, size)
 
     def validation_size(self, sample) -> float:
         """What the validation loss is averaged over: sentences (``sentence-nll``), else the
