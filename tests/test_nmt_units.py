@@ -178,7 +178,7 @@ def test_driver_state_round_trips():
 def test_coalesced_all_reduce_flattens_per_dtype_and_bucket_and_copies_back():
     """One collective per dtype and per bucket of at most bucket_numel elements (a larger tensor
     alone), every tensor, also a non-contiguous one, reduced in place."""
-    from fairseq_reweight.nmt.replay import coalesced
+    from fairseq_reweight.nmt.data_parallel import coalesced
 
     torch.manual_seed(0)
     tensors = [torch.randn(3, 4), torch.randn(5, dtype=torch.float64), torch.randn(4, 3).t(), torch.randn(30),

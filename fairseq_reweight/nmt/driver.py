@@ -19,9 +19,10 @@ from fairseq_reweight.core.features import TrainingState
 from fairseq_reweight.core.gradients import KeptStep
 from fairseq_reweight.core.teacher import apply_teacher_gradient
 from fairseq_reweight.nmt import fairseq_contract as contract
+from fairseq_reweight.nmt.data_parallel import check_in_sync, data_parallel
 from fairseq_reweight.nmt.fairseq_contract import inner_optimizer, unwrap_model
 from fairseq_reweight.nmt.recorder import StepRecorder
-from fairseq_reweight.nmt.replay import check_in_sync, check_skips, data_parallel, meta_gradient, replay_session
+from fairseq_reweight.nmt.replay import check_skips, meta_gradient, replay_session
 from fairseq_reweight.nmt.weigher import TokenWeigher
 
 

@@ -31,9 +31,10 @@ from fairseq_reweight.core.errors import ReweightConfigError
 from fairseq_reweight.core.features import TrainingState, surface_features
 from fairseq_reweight.core.teacher import Teacher, apply_teacher_gradient, normalize_weights
 from fairseq_reweight.nmt import fairseq_contract as contract
+from fairseq_reweight.nmt.data_parallel import all_reduce_fn, data_parallel
 from fairseq_reweight.nmt.driver import log_teacher_step, updated_running_loss
 from fairseq_reweight.nmt.noise_monitor import NoiseAucMonitor, inspection_mode
-from fairseq_reweight.nmt.replay import all_reduce_fn, check_skips, data_parallel, meta_valid_loss
+from fairseq_reweight.nmt.replay import check_skips, meta_valid_loss
 from fairseq_reweight.nmt.weigher import SURFACE_FEATURES, _row_mean, parse_features
 
 logger = logging.getLogger(__name__)

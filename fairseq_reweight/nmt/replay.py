@@ -5,7 +5,8 @@
 validation batch as functions of those parameters, normalised exactly as fairseq's trainer
 normalises gradients; :func:`replay_session` builds both and leaves training as it was;
 :func:`teacher_hypergradient` is the one place that calls the core's reverse loop for NMT (the
-driver's meta-update and the gradcheck command).
+driver's meta-update and the gradcheck command). What data parallelism adds (a rank's share, the
+all-reduces) is in :mod:`.data_parallel`.
 """
 import contextlib
 import copy
@@ -15,7 +16,6 @@ import re
 from typing import List, Optional
 
 import torch
-import torch.distributed as dist
 from fairseq import utils
 
 from fairseq_reweight.core import HypergradResult, reverse_hypergradient
@@ -24,43 +24,7 @@ from fairseq_reweight.core.errors import ReweightConfigError
 from fairseq_reweight.core.records import map_record_tensors
 from fairseq_reweight.core.reparam import substitute_parameters
 from fairseq_reweight.nmt import fairseq_contract as contract
-
-
-def data_parallel() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-BUCKET_NUMEL = 2 ** 24  # elements per collective (64 MiB in fp32): bounds the flat copy's memory
-
-
-def coalesced(tensors: List[torch.Tensor], reduce, bucket_numel: int = BUCKET_NUMEL) -> None:
-    """``reduce`` (an in-place collective) applied to flat copies of ``tensors``, one per dtype and
-    device and per ``bucket_numel`` elements, the results copied back. One all-reduce per parameter
-    tensor would pay a collective's latency once per tensor of every list a replayed step reduces,
-    which can outweigh what splitting the work across ranks saves (``benchmarks/ranks.py`` times a
-    meta-update per rank; figures in docs/BENCHMARKS.md). fairseq's legacy_ddp flattens its gradients
-    the same way."""
-    buckets, open_buckets = [], {}  # open_buckets: (dtype, device) -> (bucket, its numel)
-    for tensor in tensors:
-        key = (tensor.dtype, tensor.device)
-        bucket, numel = open_buckets.get(key, (None, 0))
-        if bucket is None or (bucket and numel + tensor.numel() > bucket_numel):
-            bucket, numel = [], 0
-            buckets.append(bucket)
-        bucket.append(tensor)
-        open_buckets[key] = (bucket, numel + tensor.numel())
-    for bucket in buckets:
-        flat = torch.cat([t.reshape(-1) for t in bucket])
-        reduce(flat)
-        for tensor, piece in zip(bucket, flat.split([t.numel() for t in bucket])):
-            tensor.copy_(piece.view_as(tensor))
-
-
-def all_reduce_fn():
-    """The core's ``all_reduce`` under data parallelism (sums in place), else None."""
-    if not data_parallel():
-        return None
-    return lambda tensors: coalesced(list(tensors), dist.all_reduce)
+from fairseq_reweight.nmt.data_parallel import all_reduce_fn, rank_share, summed_over_ranks
 
 
 def sample_size(sample, criterion) -> int:
@@ -175,9 +139,7 @@ class Replay:
         ``chunks`` > 1 the rows are taken in that many chunks, one graph at a time."""
         leaves = [t.detach().requires_grad_() for t in self.student.theta()]
         size = self.validation_size(sample)
-        rows = torch.arange(sample["target"].size(0))
-        if data_parallel():
-            rows = rows[dist.get_rank()::dist.get_world_size()]
+        rows = rank_share(torch.arange(sample["target"].size(0)))
         pad = contract.unwrap_model(self.criterion).padding_idx
         whole = rows.numel() == sample["target"].size(0) and self.chunks <= 1
         # eval mode (no dropout): chunks of the batch give the same loss and gradient, summed
@@ -201,11 +163,7 @@ class Replay:
         data = step.data
         sizes = [float(sample_size(s, self.criterion)) for s, _ in data.micro_batches]
         total = contract.update_sample_size(sizes, bool(data.micro_batches) and data.micro_batches[-1][1])
-        if data_parallel():
-            size = torch.tensor([total], dtype=torch.float64, device=self.student.device)
-            dist.all_reduce(size)
-            total = size.item()
-        total = total or 1.0
+        total = summed_over_ranks(total, self.student.device) or 1.0  # the whole update's, on every rank
         contract.seed_for_update(self.seed, data.update_num)
         model = self.student.replay_model
         model.train()
@@ -271,16 +229,3 @@ def check_skips(consecutive: int, max_skips: int, update_num: int, val_loss: flo
             f"validation gradient or teacher gradient (validation loss {val_loss:.4g}): the student diverged; "
             "lower --lr (or --teacher-lr), or raise --reweight-max-skips"
         )
-
-
-def check_in_sync(module: torch.nn.Module) -> None:
-    """Under data parallelism every rank applies the same all-reduced teacher gradient; check that
-    the teachers are still identical (one all-reduce of a few numbers)."""
-    if not data_parallel():
-        return
-    sums = torch.stack([p.detach().double().sum() for p in module.parameters()])
-    low, high = sums.clone(), sums.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    if not torch.equal(low, high):
-        raise RuntimeError("the teacher differs between data-parallel ranks after a meta-update")
