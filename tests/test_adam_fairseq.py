@@ -83,7 +83,7 @@ def test_fp16_wraps_it_around_flat_fp32_masters_whose_records_replay_in_model_sh
     recorder.step()
     (record,) = recorder.history
     assert record.step == 1 and len(record.grads) == 1 and record.exp_avg_sq[0].dtype == torch.float32
-    converted = StudentView(model, recorder, {}).convert_record(record)
+    converted = StudentView(model, recorder).convert_record(record)
     views = contract.master_params_in_model_shapes([master.grad], [p.shape for p in params])
     for name in ("params", "exp_avg", "exp_avg_sq", "grads"):
         assert [t.shape for t in getattr(converted, name)] == [p.shape for p in params]

@@ -22,7 +22,7 @@ from fairseq_reweight.nmt import fairseq_contract as contract
 from fairseq_reweight.nmt.data_parallel import check_in_sync, data_parallel
 from fairseq_reweight.nmt.fairseq_contract import inner_optimizer, unwrap_model
 from fairseq_reweight.nmt.recorder import StepRecorder
-from fairseq_reweight.nmt.replay import check_skips, meta_gradient, replay_session
+from fairseq_reweight.nmt.replay import Fp32ReplayModel, check_skips, meta_gradient, replay_session
 from fairseq_reweight.nmt.weigher import TokenWeigher
 
 
@@ -40,7 +40,7 @@ class ReweightDriver(nn.Module):
         self.running_loss = None  # running mean training loss, a tensor: no GPU sync per step
         self.update_num, self.last_meta_update = 0, -1
         self.last_meta_stats = {}
-        self._meta_valid_iter, self._shadow = None, {}
+        self._meta_valid_iter, self._shadow = None, Fp32ReplayModel()  # the replay's model under --fp16/--bf16
         self.kept = None  # (update_num, KeptStep): the update before a meta-update, until that uses it
         # what rebuilds that graph after a restart (:meth:`_rebuild_kept`): the kept update's number,
         # training state and, with --reweight-history reverse, its parameters

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import math
 import re
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -32,15 +33,30 @@ def sample_size(sample, criterion) -> int:
     return sample["target"].size(0) if criterion.sentence_avg else sample["ntokens"]
 
 
+@dataclass
+class Fp32ReplayModel:
+    """The fp32 copy of the student that the replay runs on where the optimizer steps fp32 master
+    copies (``--fp16``, ``--bf16``), so that the double backward is computed in fp32 (docs/METHOD.md,
+    "Precision"): made at the first meta-update, kept by the driver for the later ones (the replay
+    puts the master weights into it each time)."""
+
+    model: Optional[torch.nn.Module] = None
+
+    def of(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The copy, made from ``model`` the first time."""
+        if self.model is None:
+            self.model = copy.deepcopy(model).float().requires_grad_(False)
+        return self.model
+
+
 class StudentView:
     """The student's parameters as the optimizer holds them, seen in the model's shapes.
 
     Without ``--fp16`` the optimizer steps the model's own parameters. With ``--fp16`` it steps fp32
-    master copies; the replay then runs on an fp32 copy of the model (built once, kept in
-    ``shadow``) so that the double backward is computed in fp32 (docs/METHOD.md, "Precision").
+    master copies; the replay then runs on ``shadow``'s fp32 copy of the model (a new one if None).
     """
 
-    def __init__(self, model, recorder, shadow: Optional[dict] = None):
+    def __init__(self, model, recorder, shadow: Optional[Fp32ReplayModel] = None):
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         model_params = [p for p in model.parameters() if p.requires_grad]
         self.shapes = [p.shape for p in model_params]
@@ -50,10 +66,7 @@ class StudentView:
         if len(self.opt_params) == len(model_params) and all(a is b for a, b in zip(self.opt_params, model_params)):
             self.replay_model = model
         else:
-            shadow = {} if shadow is None else shadow
-            if shadow.get("model") is None:
-                shadow["model"] = copy.deepcopy(model).float().requires_grad_(False)
-            self.replay_model = shadow["model"]
+            self.replay_model = (Fp32ReplayModel() if shadow is None else shadow).of(model)
 
     def to_model_shapes(self, tensors):
         return contract.master_params_in_model_shapes(tensors, self.shapes)
@@ -175,7 +188,7 @@ class Replay:
 
 @contextlib.contextmanager
 def replay_session(model, criterion, teacher, recorder, seed: int, valid_loss: str, update_num: int,
-                   shadow: Optional[dict] = None, chunks: int = 1):
+                   shadow: Optional[Fp32ReplayModel] = None, chunks: int = 1):
     """A :class:`Replay` of the student with fresh teacher leaves omega; restores torch's RNG, the
     model's mode and update counter afterwards, so that training continues exactly as without it."""
     inner = contract.unwrap_model(model)
