@@ -10,6 +10,7 @@ uniform weights give back the summed loss, and the loss is ``sum_k w_k l_k``.
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
@@ -18,6 +19,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     label_smoothed_nll_loss,
 )
 from fairseq.logging import metrics
+from torch import nn
 
 from fairseq_reweight.core.losses import smoothed_nll_from_logits
 from fairseq_reweight.nmt.fairseq_contract import logits_are_log_softmax_input, unwrap_model
@@ -51,24 +53,36 @@ def capture_encoder_out(model):
 class ReweightedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     """Token-level (label-smoothed) cross-entropy with per-token weights from a teacher.
 
-    The task sets :attr:`weight_fn`: ``weight_fn(sample, encoder_out, net_output, lprobs, params)
-    -> (w, raw)`` with ``w`` (B x T) normalised weights and ``raw`` (B x T) the teacher's
-    unnormalised weights, both 0 on padding (``raw`` is for logging); ``params`` (the
-    ``teacher_params`` of :meth:`forward`) are the teacher parameters to weigh with, None for the
-    teacher's own (a replay passes fresh leaves); ``lprobs`` is None where the loss is taken from the
-    logits (:attr:`loss_from_logits`) and :attr:`weight_fn_reads_lprobs` is False. While
-    :attr:`weight_fn` is ``None`` the criterion is plain ``label_smoothed_cross_entropy``. Nothing
+    The task attaches the teacher (:meth:`attach`) and its :attr:`weight_fn`: ``weight_fn(sample,
+    encoder_out, net_output, lprobs, params) -> (w, raw)`` with ``w`` (B x T) normalised weights and
+    ``raw`` (B x T) the teacher's unnormalised weights, both 0 on padding (``raw`` is for logging);
+    ``params`` (the ``teacher_params`` of :meth:`forward`) are the teacher parameters to weigh with,
+    None for the teacher's own (a replay passes fresh leaves); ``lprobs`` is None where the loss is
+    taken from the logits (:attr:`loss_from_logits`) and :attr:`weight_fn_reads_lprobs` is False.
+    While :attr:`weight_fn` is ``None`` the criterion is plain ``label_smoothed_cross_entropy``. Nothing
     here synchronises with the GPU (no ``.item()``, no boolean indexing): fairseq reduces the logged
     tensors once per log interval.
     """
 
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
+        # all three set by attach(), which says what they are
         self.weight_fn = None
-        self.weight_fn_reads_lprobs = True  # False: weight_fn takes lprobs=None (set with weight_fn)
-        # the loss from the logits (a kept or replayed step's lean graph) where it is fairseq's; off,
-        # fairseq's own formulation, e.g. for the oracle, which is then the baseline bit for bit
+        self.weight_fn_reads_lprobs = True
         self.loss_from_logits = False
+
+    def attach(self, teacher: nn.Module, weight_fn: Callable, *, name: str = "reweight", reads_lprobs: bool = True,
+               loss_from_logits: bool = False) -> None:
+        """Weigh the training loss by ``weight_fn`` from now on. ``teacher`` (what owns the weights:
+        a driver, or fixed per-pair weights) becomes the submodule ``name``, so that fairseq checkpoints
+        it with the criterion and moves it to the device; ``reads_lprobs``: False where ``weight_fn``
+        takes ``lprobs=None``; ``loss_from_logits``: the loss from the logits where it is fairseq's (a
+        kept or replayed step's lean graph; off: fairseq's own formulation, e.g. for the oracle, which
+        is then the baseline bit for bit)."""
+        setattr(self, name, teacher)
+        self.weight_fn = weight_fn
+        self.weight_fn_reads_lprobs = reads_lprobs
+        self.loss_from_logits = loss_from_logits
 
     def forward(self, model, sample, reduce=True, teacher_params=None):
         if self.weight_fn is None or not model.training:

@@ -73,8 +73,7 @@ def attach(task, criterion):
     monitor = NoiseAucMonitor(cfg, task) if cfg.reweight_noise_sidecar else None
     task.driver = L2TDriver(cfg, parse_features(cfg.teacher_features, "l2t"), task.tgt_dict.pad(),
                             task.meta_valid_batches, monitor)
-    criterion.reweight = task.driver
-    criterion.weight_fn = task.driver.act  # fairseq's own loss formulation (loss_from_logits stays off)
+    criterion.attach(task.driver, task.driver.act)  # fairseq's own loss formulation (loss_from_logits off)
     return criterion
 
 

@@ -238,10 +238,8 @@ class ReweightTranslationTask(TranslationTask):
 
             monitor = NoiseAucMonitor(self.cfg, self)
         self.driver = ReweightDriver(self.cfg, weigher, self.meta_valid_batches, monitor)
-        criterion.reweight = self.driver  # checkpointed with the criterion (see driver.py)
-        criterion.weight_fn = self.driver.token_weights
-        criterion.weight_fn_reads_lprobs = bool(weigher.columns)
-        criterion.loss_from_logits = True
+        criterion.attach(self.driver, self.driver.token_weights, reads_lprobs=bool(weigher.columns),
+                         loss_from_logits=True)
         return criterion
 
     def _attach_oracle(self, criterion):
@@ -256,8 +254,8 @@ class ReweightTranslationTask(TranslationTask):
         else:
             self.oracle = OracleWeigher(self.cfg.reweight_noise_sidecar, num_sentences, self.tgt_dict.pad(),
                                         self.cfg.seed)
-        criterion.oracle = self.oracle  # moves to the device with the criterion
-        criterion.weight_fn = lambda sample, encoder_out, net_output, lprobs, params=None: self.oracle(sample)
+        criterion.attach(self.oracle, name="oracle",  # the weights of sample["id"]; the other inputs unused
+                         weight_fn=lambda sample, encoder_out, net_output, lprobs, params=None: self.oracle(sample))
         return criterion
 
     def build_model(self, cfg, from_checkpoint=False):
