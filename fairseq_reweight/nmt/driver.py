@@ -91,10 +91,15 @@ class ReweightDriver(nn.Module):
         meta-update (``--reweight-newest-step kept``), where its graph can serve the replay: fp32
         parameters that the optimizer steps itself (no --fp16/--bf16/--amp wrapper), one process,
         one micro-batch and one chunk, and B >= 2 (with B = 1 the newest step is the forward-mode one)."""
-        return (self.cfg.reweight_newest_step == "kept" and (update_num + 1) % self.cfg.reweight_interval == 0
-                and one_micro_batch and not ignore_grad and self.cfg.reweight_chunks == 1
-                and self.cfg.reweight_backprop_steps >= 2 and inner_optimizer(optimizer) is optimizer
-                and not data_parallel() and unwrap_model(model) is model)
+        cfg = self.cfg
+        asked = cfg.reweight_newest_step == "kept"
+        before_meta_update = (update_num + 1) % cfg.reweight_interval == 0
+        whole_update = one_micro_batch and not ignore_grad and cfg.reweight_chunks == 1
+        newest_double_backward = cfg.reweight_backprop_steps >= 2
+        steps_own_params = inner_optimizer(optimizer) is optimizer  # no fp32 masters of an fp16/bf16/AMP wrapper
+        one_process = not data_parallel() and unwrap_model(model) is model  # no DDP wrapper either
+        return (asked and before_meta_update and whole_update and newest_double_backward and steps_own_params
+                and one_process)
 
     def train_kept_step(self, model, criterion, sample, update_num):
         """fairseq's ``FairseqTask.train_step`` for this micro-batch, with the gradient's graph kept
