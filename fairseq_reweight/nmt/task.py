@@ -2,175 +2,32 @@
 weights, token by token (Fan et al., "Learning to Reweight with Deep Interactions", AAAI 2021).
 
 Same data format and options as ``translation``; the ``--reweight-*`` / ``--teacher-*`` options
-below choose the teacher and its meta-update schedule. ``--reweight-teacher none`` is the uniform
-baseline: bit-identical to ``--task translation --criterion label_smoothed_cross_entropy
+(:mod:`.config`) choose the teacher and its meta-update schedule. ``--reweight-teacher none`` is the
+uniform baseline: bit-identical to ``--task translation --criterion label_smoothed_cross_entropy
 --optimizer sgd``.
 """
 import contextlib
-import dataclasses
 import glob
 import itertools
 import logging
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Any, Optional
 
 import torch
-from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
 from fairseq.tasks import register_task
-from fairseq.tasks.translation import TranslationConfig, TranslationTask
-from omegaconf import II
+from fairseq.tasks.translation import TranslationTask
 
 from fairseq_reweight.core import math_attention
 from fairseq_reweight.core.checks import check_schedule
 from fairseq_reweight.core.errors import ReweightConfigError, install_excepthook
+from fairseq_reweight.nmt.config import ReweightTranslationConfig, apply_preset
 from fairseq_reweight.nmt.driver import ReweightDriver
 from fairseq_reweight.nmt.fairseq_contract import batch_rows, bf16_without_tpu, destroy_process_group_at_exit
 from fairseq_reweight.nmt.optimizer import check_teacher_optimizer
-from fairseq_reweight.nmt.weigher import ALL_FEATURES, TokenWeigher, parse_features
+from fairseq_reweight.nmt.weigher import TokenWeigher, parse_features
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ReweightTranslationConfig(TranslationConfig):
-    reweight_teacher: ChoiceEnum(["none", "deep", "surface", "oracle", "pairs", "l2t"]) = field(
-        default="deep",
-        metadata={
-            "help": "none: uniform weights (plain fine-tuning, the baseline); deep: the paper's "
-            "deep-interaction teacher on the student's internal states and the label; surface: "
-            "a teacher on surface features only (progress, loss, best-valid, prediction, margin); "
-            "oracle: weight 0 for every token of a pair --reweight-noise-sidecar marks noisy, 1 "
-            "otherwise (the bound of down-weighting the noise; no meta-updates); pairs: the fixed "
-            "per-pair weights of --reweight-pair-weights (e.g. a filter's 0/1; no meta-updates); l2t: L2T-data "
-            "(Fan et al., ICLR 2018), a policy on surface features that keeps or drops each sentence, trained by "
-            "REINFORCE on the validation loss's decrease every --reweight-interval updates (nmt/l2t.py)"
-        },
-    )
-    reweight_preset: ChoiceEnum(["none", "robust"]) = field(
-        default="none",
-        metadata={"help": "robust: the configuration measured best on masked noise (examples/iwslt14/README.md): "
-                  "--teacher-features label --teacher-lr 0.1; a preset fills in the options left at their "
-                  "defaults (none: the paper's configuration)"},
-    )
-    teacher_features: str = field(
-        default="",
-        metadata={
-            "help": "comma-separated teacher inputs from " + ",".join(ALL_FEATURES) + "; default "
-            "encoder,label for --reweight-teacher deep and all surface features for surface and l2t"
-        },
-    )
-    teacher_hidden_layers: int = field(
-        default=0, metadata={"help": "0: the paper's linear teacher; N: an MLP with N ReLU layers"}
-    )
-    teacher_hidden_dim: int = field(default=64, metadata={"help": "width of the MLP teacher"})
-    teacher_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the teacher"})
-    teacher_clip_norm: float = field(
-        default=0.0, metadata={"help": "clip the teacher's gradient norm to this (0: off)"}
-    )
-    reweight_granularity: ChoiceEnum(["token", "sentence"]) = field(
-        default="token", metadata={"help": "one weight per target token, or per sentence"}
-    )
-    reweight_eos: ChoiceEnum(["token", "sentence"]) = field(
-        default="token", metadata={"help": "token: the teacher weighs </s> as any target token (the paper); "
-                                           "sentence: </s> gets the mean weight of its sentence's other tokens"}
-    )
-    reweight_chunks: int = field(
-        default=1, metadata={"help": "train (and replay) every micro-batch of the B updates before each meta-update, "
-                                     "and take the meta-validation batch, as this many consecutive chunks of its "
-                                     "sentences: the meta-update's peak memory is that of one chunk; the teacher's "
-                                     "weights are normalised per chunk there (other updates train whole)"}
-    )
-    reweight_interval: int = field(
-        default=20, metadata={"help": "K: student updates between teacher updates"}
-    )
-    reweight_backprop_steps: int = field(
-        default=2, metadata={"help": "B: student updates the hypergradient differentiates through (B <= K)"}
-    )
-    reweight_history: ChoiceEnum(["reverse", "checkpoint"]) = field(
-        default="reverse",
-        metadata={
-            "help": "reverse: recover earlier parameters by undoing the momentum-SGD steps (stores "
-            "nothing; needs momentum > 0); checkpoint: keep B copies of parameters and momentum (exact)"
-        },
-    )
-    reweight_hvp: ChoiceEnum(["double-backward", "forward-over-reverse"]) = field(
-        default="double-backward",
-        metadata={"help": "how a replayed step's Hessian-vector products are computed: by a double backward "
-                  "(reverse-over-reverse) or by one backward pass at dual numbers (forward-over-reverse); "
-                  "the same values up to round-off, at different cost (benchmarks/meta_breakdown.py)"},
-    )
-    reweight_newest_step: ChoiceEnum(["kept", "replay"]) = field(
-        default="kept",
-        metadata={"help": "kept: the update before a meta-update keeps its gradient's graph, and the meta-update "
-                  "differentiates that instead of replaying the step (about one training step less per "
-                  "meta-update; the graph is held through the validation gradient); replay: replay it like "
-                  "the others. Kept only where it can be: one micro-batch per update, no --reweight-chunks, "
-                  "fp32, one process, B >= 2"},
-    )
-    reweight_features_grad: bool = field(
-        default=False,
-        metadata={"help": "let the weights depend on the student through its features (off: detached, as in the paper)"},
-    )
-    meta_valid_subset: str = field(
-        default="valid", metadata={"help": "data split whose loss the teacher minimises"}
-    )
-    meta_valid_loss: ChoiceEnum(["criterion", "nll", "sentence-nll"]) = field(
-        default="criterion",
-        metadata={"help": "the loss the teacher minimises on --meta-valid-subset: the training "
-                  "criterion's (label-smoothed with --label-smoothing) or the plain NLL, averaged over tokens; "
-                  "sentence-nll: each sentence's mean token NLL averaged over sentences (short sentences "
-                  "count as much as long ones)"},
-    )
-    meta_valid_params: Optional[str] = field(
-        default=None,
-        metadata={"help": "a regular expression: the teacher minimises the validation loss's first-order change "
-                  "through the student parameters whose names match it only (the validation gradient is "
-                  "zero elsewhere), e.g. 'embed_tokens' for the (shared) embedding and output matrix; "
-                  "default: all parameters"},
-    )
-    meta_valid_max_tokens: Optional[int] = field(
-        default=None,
-        metadata={"help": "tokens per meta-validation batch (default: --max-tokens-valid, which "
-                  "defaults to --max-tokens: a batch like a training batch)"},
-    )
-    reweight_noise_sidecar: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "a train.noise file (one 0/1 line per training pair, 1 = noised; see "
-            "data_prep/README.md): log noise_auc, the ROC AUC of 'low teacher weight => noisy pair', "
-            "and the mean weight of noisy/clean pairs (noise_w_noisy, noise_w_clean) on a fixed subset "
-            "of the training split during training (does not change training)"
-        },
-    )
-    reweight_pair_weights: Optional[str] = field(
-        default=None,
-        metadata={"help": "with --reweight-teacher pairs: one weight >= 0 per training pair, one a line in data-bin "
-                  "order (0 drops the pair; normalised like a teacher's weights); --reweight-noise-sidecar, "
-                  "if given, is only measured against"},
-    )
-    reset_teacher: bool = field(
-        default=False,
-        metadata={"help": "on --restore-file, do not load the checkpoint's teacher, its Adam state and counters: "
-                  "start the teacher fresh (e.g. after changing its shape)"},
-    )
-    reweight_max_skips: int = field(
-        default=5,
-        metadata={"help": "stop after this many meta-updates in a row are skipped for a non-finite validation "
-                  "gradient or teacher gradient (0: never stop)"},
-    )
-    reweight_noise_auc_interval: int = field(
-        default=10, metadata={"help": "with --reweight-noise-sidecar: compute noise_auc every N meta-updates"}
-    )
-    seed: int = II("common.seed")
-    memory_efficient_fp16: bool = II("common.memory_efficient_fp16")
-    max_update: int = II("optimization.max_update")
-    clip_norm: float = II("optimization.clip_norm")
-    max_tokens_valid: Optional[int] = II("dataset.max_tokens_valid")
-    batch_size_valid: Optional[int] = II("dataset.batch_size_valid")
-    optimizer_config: Any = II("optimizer")  # --optimizer and its options, checked at set-up
 
 
 @register_task("reweight_translation", dataclass=ReweightTranslationConfig)
@@ -189,7 +46,9 @@ class ReweightTranslationTask(TranslationTask):
                     f"data directory {path!r} not found: give a fairseq-preprocess output directory "
                     "(see data_prep/README.md)"
                 )
-        apply_preset(cfg)
+        preset = apply_preset(cfg)
+        if preset is not None:
+            logger.info(preset)
         if cfg.reweight_chunks < 1:
             raise ReweightConfigError(f"--reweight-chunks must be >= 1, got {cfg.reweight_chunks}")
         if cfg.reweight_chunks > 1 and cfg.reweight_teacher in ("none", "oracle", "pairs", "l2t"):
@@ -369,23 +228,6 @@ class ReweightTranslationTask(TranslationTask):
                 )
         self.driver.observe(logging_output)
         return loss, sample_size, logging_output
-
-
-PRESETS = {"robust": {"teacher_features": "label", "teacher_lr": 0.1}}
-
-
-def apply_preset(cfg) -> None:
-    """``--reweight-preset``: its values for the options still at their defaults (logged)."""
-    if cfg.reweight_preset == "none":
-        return
-    defaults = {f.name: f.default for f in dataclasses.fields(ReweightTranslationConfig)}
-    filled = {}
-    for name, value in PRESETS[cfg.reweight_preset].items():
-        if cfg[name] == defaults[name]:
-            cfg[name] = filled[name] = value
-    given = sorted(set(PRESETS[cfg.reweight_preset]) - set(filled))
-    logger.info(f"--reweight-preset {cfg.reweight_preset}: " + ", ".join(f"{k}={v}" for k, v in filled.items())
-                + (f" (given: {', '.join(given)})" if given else ""))
 
 
 def check_param_pattern(pattern: str, names) -> None:
