@@ -4,14 +4,11 @@ weights, token by token (Fan et al., "Learning to Reweight with Deep Interaction
 Same data format and options as ``translation``; the ``--reweight-*`` / ``--teacher-*`` options
 (:mod:`.config`) choose the teacher and its meta-update schedule. ``--reweight-teacher none`` is the
 uniform baseline: bit-identical to ``--task translation --criterion label_smoothed_cross_entropy
---optimizer sgd``.
+--optimizer sgd``. The options are checked at set-up (:mod:`.checks`).
 """
 import contextlib
-import glob
 import itertools
 import logging
-import os
-import re
 
 import torch
 from fairseq.logging import metrics
@@ -19,12 +16,18 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationTask
 
 from fairseq_reweight.core import math_attention
-from fairseq_reweight.core.checks import check_schedule
 from fairseq_reweight.core.errors import ReweightConfigError, install_excepthook
+from fairseq_reweight.nmt.checks import (
+    check_chunks,
+    check_data_dirs,
+    check_dual_attention_dropout,
+    check_meta_valid_split,
+    check_options,
+    check_param_pattern,
+)
 from fairseq_reweight.nmt.config import ReweightTranslationConfig, apply_preset
 from fairseq_reweight.nmt.driver import ReweightDriver
 from fairseq_reweight.nmt.fairseq_contract import batch_rows, bf16_without_tpu, destroy_process_group_at_exit
-from fairseq_reweight.nmt.optimizer import check_teacher_optimizer
 from fairseq_reweight.nmt.weigher import TokenWeigher, parse_features
 
 logger = logging.getLogger(__name__)
@@ -40,17 +43,11 @@ class ReweightTranslationTask(TranslationTask):
     def setup_task(cls, cfg: ReweightTranslationConfig, **kwargs):
         install_excepthook()  # a ReweightConfigError reaching fairseq-train's top prints one line
         destroy_process_group_at_exit()
-        for path in (cfg.data or "").split(os.pathsep):
-            if not os.path.isdir(path):
-                raise ReweightConfigError(
-                    f"data directory {path!r} not found: give a fairseq-preprocess output directory "
-                    "(see data_prep/README.md)"
-                )
+        check_data_dirs(cfg.data)
         preset = apply_preset(cfg)
         if preset is not None:
             logger.info(preset)
-        if cfg.reweight_chunks < 1:
-            raise ReweightConfigError(f"--reweight-chunks must be >= 1, got {cfg.reweight_chunks}")
+        check_chunks(cfg.reweight_chunks)
         if cfg.reweight_chunks > 1 and cfg.reweight_teacher in ("none", "oracle", "pairs", "l2t"):
             logger.info(f"--reweight-chunks {cfg.reweight_chunks} has no effect with --reweight-teacher "
                         f"{cfg.reweight_teacher}: no update is replayed, every micro-batch trains whole")
@@ -77,7 +74,7 @@ class ReweightTranslationTask(TranslationTask):
             )
         if self.cfg.reweight_teacher in ("oracle", "pairs"):
             return self._attach_oracle(criterion)
-        self._check_meta_valid_split()
+        check_meta_valid_split(self.cfg)
         if self.cfg.reweight_teacher == "l2t":
             from fairseq_reweight.nmt import l2t
 
@@ -144,17 +141,6 @@ class ReweightTranslationTask(TranslationTask):
         if isinstance(self.driver, ReweightDriver) and getattr(self._model_cfg, "attention_dropout", 0.0) > 0:
             return math_attention()
         return contextlib.nullcontext()
-
-    def _check_meta_valid_split(self):
-        data = self.cfg.data.split(os.pathsep)[0]
-        pattern = os.path.join(data, f"{self.cfg.meta_valid_subset}.*-*.{self.cfg.source_lang}.idx")
-        if not glob.glob(pattern):
-            src, tgt = self.cfg.source_lang, self.cfg.target_lang
-            raise ReweightConfigError(
-                f"--meta-valid-subset {self.cfg.meta_valid_subset}: no {self.cfg.meta_valid_subset}."
-                f"{src}-{tgt}.{src}.{{bin,idx}} / .{tgt}.{{bin,idx}} in {data}; binarize a "
-                "validation split with fairseq-preprocess --validpref"
-            )
 
     def meta_valid_max_tokens(self):
         """``--meta-valid-max-tokens``, else fairseq's validation batch size in tokens."""
@@ -228,56 +214,3 @@ class ReweightTranslationTask(TranslationTask):
                 )
         self.driver.observe(logging_output)
         return loss, sample_size, logging_output
-
-
-def check_param_pattern(pattern: str, names) -> None:
-    """``--meta-valid-params``: a valid regular expression that matches some trainable parameter."""
-    try:
-        regex = re.compile(pattern)
-    except re.error as error:
-        raise ReweightConfigError(f"--meta-valid-params {pattern!r} is not a regular expression: {error}") from None
-    if not any(regex.search(name) for name in names):
-        raise ReweightConfigError(f"--meta-valid-params {pattern!r} matches no trainable parameter of the model "
-                                  f"(e.g. {', '.join(names[:3])})")
-
-
-def check_dual_attention_dropout(hvp: str, model_cfg) -> None:
-    """Forward-over-reverse on a GPU cannot go through attention dropout: it is drawn inside the
-    attention kernel, whose dropout backward has no forward-mode derivative (core/forward_mode.py)."""
-    on_gpu = torch.cuda.is_available() and not getattr(model_cfg, "cpu", False)
-    if hvp == "forward-over-reverse" and on_gpu and getattr(model_cfg, "attention_dropout", 0.0) > 0:
-        raise ReweightConfigError(
-            "--reweight-hvp forward-over-reverse with --attention-dropout > 0 cannot run on a GPU (PyTorch's "
-            "fused dropout has no forward-mode derivative of its backward); use --reweight-hvp double-backward"
-        )
-
-
-def check_options(cfg: ReweightTranslationConfig) -> None:
-    """The teacher's options, checked when fairseq sets up the task (before any data is read)."""
-    if cfg.reweight_teacher == "oracle":
-        if not cfg.reweight_noise_sidecar:
-            raise ReweightConfigError("--reweight-teacher oracle needs --reweight-noise-sidecar (the train.noise file "
-                                      "written by data_prep/make_noisy_iwslt.sh)")
-        return
-    if cfg.reweight_teacher == "pairs":
-        if not cfg.reweight_pair_weights:
-            raise ReweightConfigError("--reweight-teacher pairs needs --reweight-pair-weights (one weight per "
-                                      "training pair, e.g. written by examples/run_experiment.py's filter methods)")
-        return
-    if cfg.reweight_teacher == "l2t":
-        from fairseq_reweight.nmt import l2t
-
-        return l2t.check_options(cfg)
-    check_schedule(cfg.reweight_interval, cfg.reweight_backprop_steps)
-    if cfg.memory_efficient_fp16:
-        raise ReweightConfigError("--memory-efficient-fp16 keeps no fp32 master weights to replay steps from; use --fp16")
-    features = parse_features(cfg.teacher_features, cfg.reweight_teacher)
-    if "progress" in features and cfg.max_update <= 0:
-        raise ReweightConfigError("--teacher-features progress needs --max-update > 0")
-    check_teacher_optimizer(cfg.optimizer_config, cfg.reweight_history, f"--reweight-teacher {cfg.reweight_teacher}")
-    if not cfg.teacher_lr > 0:
-        raise ReweightConfigError(f"--teacher-lr must be > 0, got {cfg.teacher_lr}")
-    if cfg.reweight_noise_auc_interval < 1:
-        raise ReweightConfigError(
-            f"--reweight-noise-auc-interval must be >= 1 (meta-updates), got {cfg.reweight_noise_auc_interval}"
-        )
