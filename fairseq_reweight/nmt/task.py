@@ -4,19 +4,20 @@ weights, token by token (Fan et al., "Learning to Reweight with Deep Interaction
 Same data format and options as ``translation``; the ``--reweight-*`` / ``--teacher-*`` options
 (:mod:`.config`) choose the teacher and its meta-update schedule. ``--reweight-teacher none`` is the
 uniform baseline: bit-identical to ``--task translation --criterion label_smoothed_cross_entropy
---optimizer sgd``. The options are checked at set-up (:mod:`.checks`).
+--optimizer sgd``. The options are checked at set-up (:mod:`.checks`); :mod:`.batches` holds
+``--reweight-chunks`` and the epoch iterator a resumed run needs.
 """
 import contextlib
 import itertools
 import logging
 
-import torch
 from fairseq.logging import metrics
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationTask
 
 from fairseq_reweight.core import math_attention
 from fairseq_reweight.core.errors import ReweightConfigError, install_excepthook
+from fairseq_reweight.nmt.batches import iterator_as_at_epoch_one, row_chunks, train_chunks
 from fairseq_reweight.nmt.checks import (
     check_chunks,
     check_data_dirs,
@@ -27,7 +28,7 @@ from fairseq_reweight.nmt.checks import (
 )
 from fairseq_reweight.nmt.config import ReweightTranslationConfig, apply_preset
 from fairseq_reweight.nmt.driver import ReweightDriver
-from fairseq_reweight.nmt.fairseq_contract import batch_rows, bf16_without_tpu, destroy_process_group_at_exit
+from fairseq_reweight.nmt.fairseq_contract import bf16_without_tpu, destroy_process_group_at_exit
 from fairseq_reweight.nmt.weigher import TokenWeigher, parse_features
 
 logger = logging.getLogger(__name__)
@@ -122,17 +123,10 @@ class ReweightTranslationTask(TranslationTask):
         return model
 
     def get_batch_iterator(self, dataset, epoch=1, **kwargs):
-        """fairseq 0.12 orders the examples (ties among equal lengths broken at random) with numpy
-        seed ``seed + epoch`` of the epoch the iterator is created in, then reuses that iterator
-        for every later epoch. A run resumed in epoch e > 1 therefore draws other batches (the same
-        sizes, other sentences) from then on than the run it continues. A new iterator is made as
-        at epoch 1 and then moved to ``epoch``, so that its batches are an uninterrupted run's."""
-        cached = self.dataset_to_epoch_iter.get(dataset)
-        iterator = super().get_batch_iterator(dataset, epoch=1, **kwargs)
-        if iterator is not cached and epoch > 1:
-            iterator.epoch = epoch
-            dataset.set_epoch(epoch)
-        return iterator
+        """fairseq's iterator, made as at epoch 1: a resumed run draws the batches of the run it
+        continues (:func:`.batches.iterator_as_at_epoch_one`)."""
+        return iterator_as_at_epoch_one(super().get_batch_iterator, self.dataset_to_epoch_iter, dataset, epoch,
+                                        **kwargs)
 
     def _training_attention(self):
         """With attention dropout, fused attention kernels draw other dropout masks than the math
@@ -174,31 +168,19 @@ class ReweightTranslationTask(TranslationTask):
         if self.oracle is not None:
             for key, value in self.oracle.noise_stats.items():  # as a teacher's, in every log line
                 metrics.log_scalar(key, value, weight=0, round=4)
-        chunks = self._chunks(sample, ignore_grad, update_num)
-        if len(chunks) == 1:
-            return self._train_micro_batch(sample, model, criterion, optimizer, update_num, ignore_grad)
-        # The replay can only be as fine as the training step: a chunk's dropout masks are drawn in
-        # its own forward, so the chunks are trained as they will be replayed, one after the other.
-        total_loss, total_size, merged = 0.0, 0, {}
-        for index, chunk in enumerate(chunks):
-            sync = index == len(chunks) - 1 or not hasattr(model, "no_sync")
-            with contextlib.nullcontext() if sync else model.no_sync():
-                loss, size, logging_output = self._train_micro_batch(chunk, model, criterion, optimizer, update_num,
-                                                                     ignore_grad)
-            total_loss, total_size = total_loss + loss.detach(), total_size + size
-            for key, value in logging_output.items():
-                merged[key] = merged.get(key, 0) + value
-        return total_loss, total_size, merged
 
-    def _chunks(self, sample, ignore_grad, update_num):
-        """``--reweight-chunks`` consecutive row chunks of a micro-batch of an update that a meta-update
-        will replay (their replay's peak memory is what the chunks bound; a whole update trains
-        faster); other updates, and a dummy batch, stay whole."""
-        rows = sample["target"].size(0) if sample and "target" in sample else 0
-        parts = min(self.cfg.reweight_chunks, rows)
-        if parts <= 1 or ignore_grad or self.driver is None or not self.driver.in_window(update_num):
-            return [sample]
-        return [batch_rows(sample, index, self.tgt_dict.pad()) for index in torch.arange(rows).tensor_split(parts)]
+        def train_one(chunk):
+            return self._train_micro_batch(chunk, model, criterion, optimizer, update_num, ignore_grad)
+
+        chunks = row_chunks(sample, self._chunks_of(update_num, ignore_grad), self.tgt_dict.pad())
+        return train_chunks(chunks, model, train_one)
+
+    def _chunks_of(self, update_num, ignore_grad) -> int:
+        """``--reweight-chunks`` for a micro-batch of an update that a meta-update will replay (their
+        replay's peak memory is what the chunks bound; a whole update trains faster), else 1."""
+        if ignore_grad or self.driver is None or not self.driver.in_window(update_num):
+            return 1
+        return self.cfg.reweight_chunks
 
     def _train_micro_batch(self, sample, model, criterion, optimizer, update_num, ignore_grad):
         if self.driver is None:
