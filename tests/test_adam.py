@@ -8,7 +8,8 @@ from fairseq_reweight.core import (
     ADAM, AdamStepRecord, RecordingAdam, reverse_hypergradient, unroll_steps, unrolled_hypergradient,
 )
 from fairseq_reweight.core.errors import ReweightConfigError
-from test_hypergrad import NUM_STEPS, MLPProblem, TransformerProblem, relative_error
+import hypergrad_problems
+from hypergrad_problems import NUM_STEPS, MLPProblem, TransformerProblem, relative_error
 
 TOLERANCE = 1e-12
 WARMUP_LRS = [0.002, 0.004, 0.006, 0.008, 0.01]  # inverse_sqrt's linear warm-up
@@ -20,7 +21,7 @@ def adam(params, weight_decay=0.01, history_size=NUM_STEPS):
 
 
 def train(problem, clip_norms=None, **kwargs):
-    """The problem's K steps with RecordingAdam (the tests patch test_hypergrad.LRS, the learning
+    """The problem's K steps with RecordingAdam (the tests patch hypergrad_problems.LRS, the learning
     rate of each step, to the warm-up above: SGD's are too large for Adam)."""
     return problem.train(clip_norms=clip_norms, make_optimizer=lambda params: adam(params, **kwargs))
 
@@ -68,9 +69,7 @@ def test_recording_adam_is_fairseq_adam_bit_for_bit():
 
 
 def test_mlp_through_adam_steps_matches_unrolled(monkeypatch):
-    import test_hypergrad
-
-    monkeypatch.setattr(test_hypergrad, "LRS", WARMUP_LRS)
+    monkeypatch.setattr(hypergrad_problems, "LRS", WARMUP_LRS)
     problem = MLPProblem(seed=0)
     optimizer = train(problem, clip_norms=[0.05, 0.0, 0.0, 100.0, 0.05])
     assert [r.lr for r in optimizer.history] == WARMUP_LRS
@@ -85,22 +84,18 @@ def test_mlp_through_adam_steps_matches_unrolled(monkeypatch):
 
 
 def test_mlp_without_weight_decay_and_chunked_losses(monkeypatch):
-    import test_hypergrad
-
-    monkeypatch.setattr(test_hypergrad, "LRS", WARMUP_LRS)
+    monkeypatch.setattr(hypergrad_problems, "LRS", WARMUP_LRS)
     problem = MLPProblem(seed=3, batch_size=9, num_chunks=3)
     optimizer = train(problem, weight_decay=0.0)
     check_adam_against_unrolled(problem, optimizer, windows=(2, NUM_STEPS))
 
 
 def test_fairseq_transformer_through_adam_steps_matches_unrolled(monkeypatch):
-    import test_hypergrad
-
     from fairseq import utils
 
     from fairseq_reweight.cli.gradcheck import _softmax_in_dtype
 
-    monkeypatch.setattr(test_hypergrad, "LRS", WARMUP_LRS)
+    monkeypatch.setattr(hypergrad_problems, "LRS", WARMUP_LRS)
     # fairseq's attention softmax runs in float32 even for a float64 model; kept in float64 here (as
     # the gradcheck command does) so that the comparison can reach 1e-12
     monkeypatch.setattr(utils, "softmax", _softmax_in_dtype)
