@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fairseq_reweight.core import (
-    ADAM, AdamStepRecord, RecordingAdam, reverse_hypergradient, unroll_steps, unrolled_hypergradient,
+    ADAM_REVERSE, AdamStepRecord, RecordingAdam, reverse_hypergradient, unroll_steps, unrolled_hypergradient,
 )
 from fairseq_reweight.core.errors import ReweightConfigError
 import hypergrad_problems
@@ -34,11 +34,11 @@ def check_adam_against_unrolled(problem, optimizer, windows):
     for num_steps in windows:
         window = optimizer.window(num_steps)
         expected = unrolled_hypergradient(window[0].params, (window[0].exp_avg, window[0].exp_avg_sq), omega, window,
-                                          problem.loss_fn, problem.val_loss, optimizer=ADAM)
+                                          problem.loss_fn, problem.val_loss, optimizer=ADAM_REVERSE)
         assert torch.cat([e.reshape(-1) for e in expected]).norm() > 1e-6  # non-trivial
         for fast, hvp in ((False, "double-backward"), (True, "double-backward"), (False, "forward-over-reverse")):
             result = reverse_hypergradient(theta_k, None, omega, window, problem.loss_fn, val_grad,
-                                           mode="checkpoint", teacher_grad_only=fast, optimizer=ADAM, hvp=hvp)
+                                           mode="checkpoint", teacher_grad_only=fast, optimizer=ADAM_REVERSE, hvp=hvp)
             errors[num_steps, fast, hvp] = relative_error(result.teacher_grad, expected)
     assert max(errors.values()) <= TOLERANCE, errors
     return errors
@@ -77,7 +77,7 @@ def test_mlp_through_adam_steps_matches_unrolled(monkeypatch):
     # the records replay the trajectory taken
     first = optimizer.history[0]
     theta_k, (m_k, v_k) = unroll_steps(first.params, (first.exp_avg, first.exp_avg_sq), list(optimizer.history),
-                                       problem.loss_fn, optimizer=ADAM)
+                                       problem.loss_fn, optimizer=ADAM_REVERSE)
     assert relative_error(theta_k, optimizer.student_params()) < 1e-13
     assert relative_error(v_k, optimizer.moments()[1]) < 1e-13
     check_adam_against_unrolled(problem, optimizer, windows=(1, 2, NUM_STEPS))
@@ -118,10 +118,10 @@ def test_what_adam_cannot_do_is_refused_in_one_line():
     omega = [torch.zeros(2, requires_grad=True)]
     with pytest.raises(ValueError, match="mode must be one of 'checkpoint'"):
         reverse_hypergradient(params, None, omega, optimizer.window(1), lambda s, p: p[0].sum(), [torch.ones(3)],
-                              optimizer=ADAM)
+                              optimizer=ADAM_REVERSE)
     with pytest.raises(ValueError, match="no stored params.*store_states=True"):
         reverse_hypergradient(params, None, omega, optimizer.window(1), lambda s, p: p[0].sum(), [torch.ones(3)],
-                              mode="checkpoint", optimizer=ADAM)
+                              mode="checkpoint", optimizer=ADAM_REVERSE)
     record = AdamStepRecord(lr=0.1, beta1=0.9, beta2=1.0, eps=1e-8, weight_decay=0.0, step=1)
     with pytest.raises(ValueError, match="0 <= beta < 1"):
-        ADAM.check_step(0, record, params, "checkpoint")
+        ADAM_REVERSE.check_step(0, record, params, "checkpoint")

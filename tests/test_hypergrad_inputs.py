@@ -1,10 +1,18 @@
-"""The reverse loop's inputs: one-line errors for what it cannot use, and the attention backends it
-selects.
+"""The reverse loop's inputs and interfaces: one-line errors for what it cannot use, the optimizer
+protocol, and the attention backends it selects.
 """
 import pytest
 import torch
 
-from fairseq_reweight.core import StepRecord, math_attention, reverse_hypergradient, select_window
+from fairseq_reweight.core import (
+    ADAM_REVERSE,
+    SGD_REVERSE,
+    ReversibleOptimizer,
+    StepRecord,
+    math_attention,
+    reverse_hypergradient,
+    select_window,
+)
 from hypergrad_problems import NUM_STEPS, MLPProblem
 
 
@@ -72,3 +80,13 @@ def test_math_attention_restores_the_callers_backends():
         torch.backends.cuda.enable_flash_sdp(before[0])
         torch.backends.cuda.enable_mem_efficient_sdp(before[1])
         torch.backends.cuda.enable_math_sdp(before[2])
+
+
+def test_both_optimizers_implement_the_reversible_optimizer_protocol():
+    members = [name for name in vars(ReversibleOptimizer) if not name.startswith("_")] + ["modes"]
+    assert {"check_step", "gradient_adjoint", "propagate", "rewind_state", "apply"} <= set(members)
+    for optimizer in (SGD_REVERSE, ADAM_REVERSE):
+        assert isinstance(optimizer, ReversibleOptimizer)
+        for name in members:
+            assert callable(getattr(optimizer, name)) or name == "modes", (type(optimizer).__name__, name)
+    assert not isinstance(object(), ReversibleOptimizer)

@@ -4,9 +4,9 @@ Fan et al., "Learning to Reweight with Deep Interactions", AAAI 2021, Algorithm 
 Duvenaud and Adams, "Gradient-based Hyperparameter Optimization through Reversible Learning", 2015).
 The equations are restated in ``docs/METHOD.md``. Plain PyTorch: this module never imports fairseq.
 The loop is the algorithm; what depends on the optimizer (undoing a step, the adjoint of its update)
-comes from an optimizer object (:data:`~fairseq_reweight.core.sgd.SGD` for momentum SGD,
-:data:`~fairseq_reweight.core.adam.ADAM` for Adam), the
-derivatives of a replayed step from :mod:`.gradients`, the input checks from :mod:`.checks`.
+comes from a :class:`~.interfaces.ReversibleOptimizer` (:data:`~.sgd.SGD_REVERSE` for momentum SGD,
+:data:`~.adam.ADAM_REVERSE` for Adam), the derivatives of a replayed step from :mod:`.gradients`,
+the input checks from :mod:`.checks`.
 
 The loop, newest step first::
 
@@ -49,7 +49,7 @@ Contract of the arguments of :func:`reverse_hypergradient`:
 """
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -57,10 +57,10 @@ from torch import Tensor
 from .attention import math_attention
 from .checks import check_finite, validate_inputs, validate_teacher_params, validate_tensor_list
 from .gradients import HVP, KeptStep, add_into, global_norm, kept_gradient_vjp, teacher_vjp
-from .sgd import SGD, StepRecord
+from .interfaces import AllReduce, LossFn, OptimizerState, Record, ReversibleOptimizer
+from .sgd import SGD_REVERSE
 
-LossFn = Callable[[StepRecord, List[Tensor]], Union[Tensor, Iterable[Tensor]]]
-AllReduce = Callable[[List[Tensor]], None]
+__all__ = ["AllReduce", "HypergradResult", "LossFn", "reverse_hypergradient"]
 
 
 @dataclass
@@ -83,9 +83,9 @@ class HypergradResult:
 
     teacher_grad: List[Tensor]
     param_grad: List[Tensor]
-    momentum_grad: List[Tensor] = field(default_factory=list)
+    momentum_grad: OptimizerState = field(default_factory=list)
     start_params: List[Tensor] = field(default_factory=list)
-    start_momentum_buffers: Optional[List[Tensor]] = None
+    start_momentum_buffers: Optional[OptimizerState] = None
     grad_norms: List[float] = field(default_factory=list)
     clip_factors: List[float] = field(default_factory=list)
     val_grad_norm: float = 0.0
@@ -93,9 +93,9 @@ class HypergradResult:
 
 def reverse_hypergradient(
     params: Sequence[Tensor],
-    momentum_buffers: Optional[Sequence[Optional[Tensor]]],
+    momentum_buffers: Optional[OptimizerState],
     teacher_params: Sequence[Tensor],
-    steps: Sequence[StepRecord],
+    steps: Sequence[Record],
     loss_fn: LossFn,
     val_grad: Sequence[Optional[Tensor]],
     *,
@@ -103,7 +103,7 @@ def reverse_hypergradient(
     all_reduce: Optional[AllReduce] = None,
     math_sdpa: bool = True,
     teacher_grad_only: bool = False,
-    optimizer=SGD,
+    optimizer: ReversibleOptimizer = SGD_REVERSE,
     hvp: str = "double-backward",
     kept: Optional[KeptStep] = None,
     overwrite_val_grad: bool = False,
@@ -125,8 +125,7 @@ def reverse_hypergradient(
         all_reduce: sums a list of tensors in place across data-parallel workers, or None.
         math_sdpa: run under :func:`~.attention.math_attention`.
         teacher_grad_only: only ``teacher_grad`` is wanted: the oldest step by forward-mode AD.
-        optimizer: how the steps were taken (:data:`~fairseq_reweight.core.sgd.SGD`,
-            :data:`~fairseq_reweight.core.adam.ADAM`).
+        optimizer: how the steps were taken (:data:`~.sgd.SGD_REVERSE`, :data:`~.adam.ADAM_REVERSE`).
         hvp: how a step's Hessian-vector products are computed: ``"double-backward"``
             (reverse-over-reverse, :func:`~.gradients.gradient_vjp`) or ``"forward-over-reverse"``
             (:func:`~.gradients.gradient_jvp`; ``loss_fn`` must accept dual tensors). Same values
