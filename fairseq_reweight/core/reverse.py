@@ -18,7 +18,8 @@ The loop, newest step first::
                                                        double backward, exact through clipping;
                                                        or gradient_jvp: forward-over-reverse;
                                                        the newest step, with kept=: one backward
-                                                       through the graph its training step kept)
+                                                       through the graph its training step kept;
+                                                       each a gradients.StepProducts)
         state_t     = undo the state step, given G_t   (mode="reverse" only)
         theta_bar, state_bar = the optimizer's adjoint of its update + d(g_t . g~)/d theta
         omega_bar  += d(g_t . g~)/d omega
@@ -56,7 +57,7 @@ from torch import Tensor
 
 from .attention import math_attention
 from .checks import check_finite, validate_inputs, validate_teacher_params, validate_tensor_list
-from .gradients import HVP, KeptStep, add_into, global_norm, kept_gradient_vjp, teacher_vjp
+from .gradients import HVP, KeptStep, StepContext, add_into, global_norm, kept_gradient_vjp, teacher_vjp
 from .interfaces import AllReduce, LossFn, OptimizerState, Record, ReversibleOptimizer
 from .sgd import SGD_REVERSE
 
@@ -160,25 +161,23 @@ def reverse_hypergradient(
             with torch.no_grad():
                 optimizer.rewind_params(step, theta, state, mode)
                 g_bar = optimizer.gradient_adjoint(step, theta_bar, state_bar)
+            context = StepContext(step, index, theta, loss_fn, teacher_params, all_reduce)
             if teacher_grad_only and index == 0:
-                norm, scale, hvp_omega = teacher_vjp(step, theta, teacher_params, loss_fn, g_bar, all_reduce, index)
+                products = teacher_vjp(context, g_bar)
             else:
                 if kept is not None and index == len(steps) - 1:
-                    grad, norm, scale, hvp_theta, hvp_omega = kept_gradient_vjp(kept, g_bar, step.clip_norm)
+                    products = kept_gradient_vjp(context, g_bar, kept)
                 else:
-                    grad, norm, scale, hvp_theta, hvp_omega = step_products(
-                        step, theta, teacher_params, loss_fn, g_bar, all_reduce, index
-                    )
+                    products = step_products(context, g_bar)
                 with torch.no_grad():
                     if mode == "reverse":
-                        optimizer.rewind_state(step, state, grad, scale, theta)
-                    theta_bar, state_bar = optimizer.propagate(step, theta_bar, state_bar, g_bar, hvp_theta)
-                del grad, hvp_theta
-            grad_norms.insert(0, norm)
-            clip_factors.insert(0, scale)
+                        optimizer.rewind_state(step, state, products.grad, products.clip_scale, theta)
+                    theta_bar, state_bar = optimizer.propagate(step, theta_bar, state_bar, g_bar, products.hvp_theta)
+            grad_norms.insert(0, products.norm)
+            clip_factors.insert(0, products.clip_scale)
             with torch.no_grad():
-                add_into(omega_bar, hvp_omega)
-            del hvp_omega, g_bar
+                add_into(omega_bar, products.hvp_omega)
+            del products, g_bar
     if all_reduce is not None:
         all_reduce(omega_bar)
     if teacher_grad_only:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .attention import math_attention
 from .checks import validate_inputs, validate_teacher_params, validate_tensor_list
-from .gradients import step_gradient
+from .gradients import StepContext, step_gradient
 from .interfaces import LossFn, OptimizerState, Record, ReversibleOptimizer
 from .sgd import SGD_REVERSE
 
@@ -56,7 +56,7 @@ def unroll_steps(
     attention = math_attention() if math_sdpa else contextlib.nullcontext()
     with attention, torch.enable_grad():
         for index, step in enumerate(steps):
-            grads = step_gradient(step, params, loss_fn, index, create_graph)
+            grads = step_gradient(StepContext(step, index, params, loss_fn), create_graph)
             if create_graph:
                 params, buffers = optimizer.apply(step, params, buffers, grads)
             else:
