@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from fairseq_reweight.core import RecordingSGD, reverse_hypergradient, unrolled_hypergradient
+from fairseq_reweight.core import (
+    HypergradOptions,
+    RecordingSGD,
+    reverse_hypergradient,
+    unrolled_hypergradient,
+)
 from fairseq_reweight.core.teacher import Teacher, normalize_weights
 
 NUM_STEPS = 5
@@ -124,27 +129,20 @@ def check_against_unrolled(problem, optimizer, modes=("reverse", "checkpoint"), 
         )
         assert torch.cat([e.reshape(-1) for e in expected]).norm() > 1e-4  # non-trivial
         for mode in modes:
-            result = reverse_hypergradient(
-                theta_k, v_k, teacher_params, window, problem.loss_fn, val_grad, mode=mode
-            )
+            args = (theta_k, v_k, teacher_params, window, problem.loss_fn, val_grad)
+            result = reverse_hypergradient(*args, HypergradOptions(mode=mode))
             error = relative_error(result.teacher_grad, expected)
             assert error <= TOLERANCE, (num_steps, mode, error)
             results[num_steps, mode] = result
             # the oldest step by forward-mode AD instead of a double backward
-            fast = reverse_hypergradient(
-                theta_k, v_k, teacher_params, window, problem.loss_fn, val_grad, mode=mode,
-                teacher_grad_only=True,
-            )
+            fast = reverse_hypergradient(*args, HypergradOptions(mode=mode, teacher_grad_only=True))
             error = relative_error(fast.teacher_grad, expected)
             assert error <= TOLERANCE, (num_steps, mode, "teacher_grad_only", error)
             assert fast.param_grad == [] and fast.start_params == []
             assert fast.clip_factors == result.clip_factors
             assert fast.grad_norms[1:] == result.grad_norms[1:]
             # every step's products by forward-over-reverse instead of a double backward
-            dual = reverse_hypergradient(
-                theta_k, v_k, teacher_params, window, problem.loss_fn, val_grad, mode=mode,
-                hvp="forward-over-reverse",
-            )
+            dual = reverse_hypergradient(*args, HypergradOptions(mode=mode, hvp="forward-over-reverse"))
             error = relative_error(dual.teacher_grad, expected)
             assert error <= TOLERANCE, (num_steps, mode, "forward-over-reverse", error)
             # the adjoints at the window's start too (relative to theta's, as v's may be all zero)
@@ -154,6 +152,7 @@ def check_against_unrolled(problem, optimizer, modes=("reverse", "checkpoint"), 
             assert dual.clip_factors == pytest.approx(result.clip_factors, rel=1e-12)
     assert all(w.grad is None for w in teacher_params)
     return results
+
 
 # --- a tiny fairseq Transformer: per-token weights, label smoothing, dropout replayed by seed ---
 

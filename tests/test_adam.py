@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fairseq_reweight.core import (
-    ADAM_REVERSE, AdamStepRecord, RecordingAdam, reverse_hypergradient, unroll_steps, unrolled_hypergradient,
+    ADAM_REVERSE, AdamStepRecord, HypergradOptions, RecordingAdam, reverse_hypergradient, unroll_steps,
+    unrolled_hypergradient,
 )
 from fairseq_reweight.core.errors import ReweightConfigError
 import hypergrad_problems
@@ -37,8 +38,8 @@ def check_adam_against_unrolled(problem, optimizer, windows):
                                           problem.loss_fn, problem.val_loss, optimizer=ADAM_REVERSE)
         assert torch.cat([e.reshape(-1) for e in expected]).norm() > 1e-6  # non-trivial
         for fast, hvp in ((False, "double-backward"), (True, "double-backward"), (False, "forward-over-reverse")):
-            result = reverse_hypergradient(theta_k, None, omega, window, problem.loss_fn, val_grad,
-                                           mode="checkpoint", teacher_grad_only=fast, optimizer=ADAM_REVERSE, hvp=hvp)
+            options = HypergradOptions(mode="checkpoint", optimizer=ADAM_REVERSE, hvp=hvp, teacher_grad_only=fast)
+            result = reverse_hypergradient(theta_k, None, omega, window, problem.loss_fn, val_grad, options)
             errors[num_steps, fast, hvp] = relative_error(result.teacher_grad, expected)
     assert max(errors.values()) <= TOLERANCE, errors
     return errors
@@ -118,10 +119,10 @@ def test_what_adam_cannot_do_is_refused_in_one_line():
     omega = [torch.zeros(2, requires_grad=True)]
     with pytest.raises(ValueError, match="mode must be one of 'checkpoint'"):
         reverse_hypergradient(params, None, omega, optimizer.window(1), lambda s, p: p[0].sum(), [torch.ones(3)],
-                              optimizer=ADAM_REVERSE)
+                              HypergradOptions(optimizer=ADAM_REVERSE))
     with pytest.raises(ValueError, match="no stored params.*store_states=True"):
         reverse_hypergradient(params, None, omega, optimizer.window(1), lambda s, p: p[0].sum(), [torch.ones(3)],
-                              mode="checkpoint", optimizer=ADAM_REVERSE)
+                              HypergradOptions(mode="checkpoint", optimizer=ADAM_REVERSE))
     record = AdamStepRecord(lr=0.1, beta1=0.9, beta2=1.0, eps=1e-8, weight_decay=0.0, step=1)
     with pytest.raises(ValueError, match="0 <= beta < 1"):
         ADAM_REVERSE.check_step(0, record, params, "checkpoint")

@@ -5,7 +5,7 @@ both history modes, the oldest step by forward mode and every step by forward-ov
 import pytest
 import torch
 
-from fairseq_reweight.core import reverse_hypergradient, unroll_steps
+from fairseq_reweight.core import HypergradOptions, reverse_hypergradient, unroll_steps
 from hypergrad_problems import LRS, NUM_STEPS, MLPProblem, TransformerProblem, check_against_unrolled, relative_error
 
 
@@ -75,9 +75,10 @@ def test_lr_of_each_record_is_used():
     theta_k = optimizer.student_params()
     args = (theta_k, optimizer.momentum_buffers(), list(problem.teacher.parameters()))
     val_grad = problem.val_grad(theta_k)
-    exact = reverse_hypergradient(*args, window, problem.loss_fn, val_grad, mode="checkpoint")
+    checkpoint = HypergradOptions(mode="checkpoint")
+    exact = reverse_hypergradient(*args, window, problem.loss_fn, val_grad, checkpoint)
     window[0].lr *= 2.0
-    changed = reverse_hypergradient(*args, window, problem.loss_fn, val_grad, mode="checkpoint")
+    changed = reverse_hypergradient(*args, window, problem.loss_fn, val_grad, checkpoint)
     assert relative_error(changed.teacher_grad, exact.teacher_grad) > 1e-3
 
 
@@ -102,4 +103,5 @@ def test_fairseq_transformer_matches_unrolled(monkeypatch):
     # flash included) have no double backward: the replay works only under math_attention()
     with pytest.raises(RuntimeError, match="not implemented"):
         reverse_hypergradient(params, optimizer.momentum_buffers(), list(problem.teacher.parameters()),
-                              optimizer.window(1), problem.loss_fn, problem.val_grad(params), math_sdpa=False)
+                              optimizer.window(1), problem.loss_fn, problem.val_grad(params),
+                              HypergradOptions(math_sdpa=False))

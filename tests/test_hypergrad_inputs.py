@@ -1,12 +1,15 @@
-"""The reverse loop's inputs and interfaces: one-line errors for what it cannot use, the optimizer
-protocol, and the attention backends it selects.
+"""The reverse loop's inputs and interfaces: one-line errors for what it cannot use, its options, the
+optimizer protocol, and the attention backends it selects.
 """
+import dataclasses
+
 import pytest
 import torch
 
 from fairseq_reweight.core import (
     ADAM_REVERSE,
     SGD_REVERSE,
+    HypergradOptions,
     ReversibleOptimizer,
     StepRecord,
     math_attention,
@@ -29,11 +32,11 @@ def test_window_selection_and_validation_errors():
     window = optimizer.window(2)
     val_grad = problem.val_grad(theta_k)
 
-    def call(**overrides):
+    def call(mode="reverse", hvp="double-backward", **overrides):
         kwargs = dict(params=theta_k, momentum_buffers=v_k, teacher_params=teacher_params,
                       steps=window, loss_fn=problem.loss_fn, val_grad=val_grad)
         kwargs.update(overrides)
-        return reverse_hypergradient(**kwargs)
+        return reverse_hypergradient(**kwargs, options=HypergradOptions(mode=mode, hvp=hvp))
 
     with pytest.raises(ValueError, match="steps is empty"):
         call(steps=[])
@@ -80,6 +83,17 @@ def test_math_attention_restores_the_callers_backends():
         torch.backends.cuda.enable_flash_sdp(before[0])
         torch.backends.cuda.enable_mem_efficient_sdp(before[1])
         torch.backends.cuda.enable_math_sdp(before[2])
+
+
+def test_options_are_checked_when_made_and_cannot_change():
+    with pytest.raises(ValueError, match="mode must be one of 'checkpoint', got 'reverse'"):
+        HypergradOptions(optimizer=ADAM_REVERSE)
+    with pytest.raises(ValueError, match="hvp must be one of"):
+        HypergradOptions(hvp="forward")
+    options = HypergradOptions(mode="checkpoint", optimizer=ADAM_REVERSE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.mode = "reverse"
+    assert HypergradOptions() == HypergradOptions(mode="reverse", optimizer=SGD_REVERSE, hvp="double-backward")
 
 
 def test_both_optimizers_implement_the_reversible_optimizer_protocol():

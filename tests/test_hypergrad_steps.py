@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from fairseq_reweight.core import reverse_hypergradient, unrolled_hypergradient
+from fairseq_reweight.core import HypergradOptions, reverse_hypergradient, unrolled_hypergradient
 from fairseq_reweight.core.checks import validate_tensor_list
 from fairseq_reweight.core.gradients import KeptStep
 from hypergrad_problems import NUM_STEPS, TOLERANCE, MLPProblem, check_against_unrolled, relative_error
@@ -39,7 +39,7 @@ def test_chunked_loss_equals_single_chunk():
     for mode in ("reverse", "checkpoint"):
         results = [
             reverse_hypergradient(theta_k, optimizer.momentum_buffers(), teacher_params,
-                                  optimizer.window(NUM_STEPS), fn, val_grad, mode=mode)
+                                  optimizer.window(NUM_STEPS), fn, val_grad, HypergradOptions(mode=mode))
             for fn in (problem.loss_fn, one_scalar, as_list)
         ]
         for other in results[1:]:
@@ -68,11 +68,11 @@ def test_the_newest_step_from_its_kept_graph(clip_norms):
             grads = torch.autograd.grad(loss, leaves, create_graph=True)
             kept = KeptStep(leaves, teacher_params, grads, 1.0 / size)
             result = reverse_hypergradient(theta_k, v_k, teacher_params, window, problem.loss_fn, val_grad,
-                                           mode=mode, teacher_grad_only=fast, kept=kept)
+                                           HypergradOptions(mode=mode, teacher_grad_only=fast), kept=kept)
             assert relative_error(result.teacher_grad, expected) <= TOLERANCE, (num_steps, mode, fast)
     with pytest.raises(ValueError, match="all_reduce"):
-        reverse_hypergradient(theta_k, v_k, teacher_params, window, problem.loss_fn, val_grad, kept=kept,
-                              all_reduce=lambda tensors: None)
+        reverse_hypergradient(theta_k, v_k, teacher_params, window, problem.loss_fn, val_grad,
+                              HypergradOptions(all_reduce=lambda tensors: None), kept=kept)
 
 
 def test_fake_all_reduce_over_two_thread_ranks_equals_one_process():
@@ -103,9 +103,9 @@ def test_fake_all_reduce_over_two_thread_ranks_equals_one_process():
             return problem.chunk_losses(problem.batches[step.data], params, chunks, student)
 
         try:
+            options = HypergradOptions(all_reduce=lambda tensors: all_reduce(rank, tensors), math_sdpa=False)
             results[rank] = reverse_hypergradient(
-                theta_k, optimizer.momentum_buffers(), teacher_params, window, shard_loss, val_grad,
-                all_reduce=lambda tensors: all_reduce(rank, tensors), math_sdpa=False,
+                theta_k, optimizer.momentum_buffers(), teacher_params, window, shard_loss, val_grad, options
             )
         except BaseException as error:  # re-raised below, in the test's thread
             results[rank] = error
@@ -132,11 +132,11 @@ def test_overwrite_val_grad_uses_its_tensors_and_gives_the_same_hypergradient():
     theta_k = [p.detach() for p in optimizer.student_params()]
     teacher_params = list(problem.teacher.parameters())
     expected = reverse_hypergradient(theta_k, optimizer.momentum_buffers(), teacher_params, optimizer.window(3),
-                                     problem.loss_fn, problem.val_grad(theta_k), mode="reverse")
+                                     problem.loss_fn, problem.val_grad(theta_k), HypergradOptions(mode="reverse"))
     val_grad = problem.val_grad(theta_k)
     before = [g.clone() for g in val_grad]
     result = reverse_hypergradient(theta_k, optimizer.momentum_buffers(), teacher_params, optimizer.window(3),
-                                   problem.loss_fn, val_grad, mode="reverse", overwrite_val_grad=True)
+                                   problem.loss_fn, val_grad, HypergradOptions(mode="reverse", overwrite_val_grad=True))
     for ours, theirs in zip(result.teacher_grad + result.param_grad, expected.teacher_grad + expected.param_grad):
         torch.testing.assert_close(ours, theirs, rtol=1e-14, atol=1e-14)
     assert any(not torch.equal(g, b) for g, b in zip(val_grad, before))  # overwritten: its tensors were used

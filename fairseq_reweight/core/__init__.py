@@ -10,7 +10,7 @@ from .interfaces import AllReduce, LossFn, ReversibleOptimizer
 from .recording_adam import RecordingAdam
 from .recording_sgd import RecordingSGD
 from .reparam import substitute_parameters
-from .reverse import HypergradResult, reverse_hypergradient
+from .reverse import HypergradOptions, HypergradResult, reverse_hypergradient
 from .sgd import SGD_REVERSE, SGDReverse, StepRecord
 from .teacher import Teacher, apply_teacher_gradient, normalize_weights
 from .unrolled import unroll_steps, unrolled_hypergradient
@@ -21,6 +21,7 @@ __all__ = [
     "AdamStepRecord",
     "CLIP_EPS",
     "AllReduce",
+    "HypergradOptions",
     "HypergradResult",
     "LossFn",
     "RecordingAdam",
