@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from fairseq_reweight.core import RecordingSGD, StepRecord, reverse_hypergradient
+from fairseq_reweight.core import HypergradOptions, RecordingSGD, StepRecord, reverse_hypergradient
 from fairseq_reweight.core.teacher import Teacher, normalize_weights
 
 
@@ -203,11 +203,12 @@ def main():
     print("relative errors of the teacher gradient (float32 unless named) and of the reconstructed theta_{K-B}")
     print(f"{'B':>3} {'rev vs ckpt':>12} {'rev vs f64':>12} {'ckpt vs f64':>12} {'theta rev':>12} {'v rev':>12}")
     start = time.perf_counter()
+    checkpoint = HypergradOptions(mode="checkpoint")
     for num_steps in range(1, args.max_steps + 1):
         window32, window64 = opt32.window(num_steps), opt64.window(num_steps)
         rev = reverse_hypergradient(theta32, opt32.momentum_buffers(), omega32, window32, f32.loss_fn, val32)
-        ckpt = reverse_hypergradient(theta32, None, omega32, window32, f32.loss_fn, val32, mode="checkpoint")
-        exact = reverse_hypergradient(theta64, None, omega64, window64, f64.loss_fn, val64, mode="checkpoint")
+        ckpt = reverse_hypergradient(theta32, None, omega32, window32, f32.loss_fn, val32, checkpoint)
+        exact = reverse_hypergradient(theta64, None, omega64, window64, f64.loss_fn, val64, checkpoint)
         theta_error = max(relative_error([a], [b]) for a, b in zip(rev.start_params, window32[0].params))
         v_error = relative_error(rev.start_momentum_buffers, window32[0].momentum_buffers)
         print(f"{num_steps:>3} {relative_error(rev.teacher_grad, ckpt.teacher_grad):12.2e} "

@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from fairseq_reweight.core import (
-    ADAM, AdamStepRecord, RecordingAdam, reverse_hypergradient, unroll_steps, unrolled_hypergradient,
+    ADAM_REVERSE, AdamStepRecord, HypergradOptions, RecordingAdam, reverse_hypergradient, unroll_steps,
+    unrolled_hypergradient,
 )
 from fairseq_reweight.core.errors import ReweightConfigError
-from test_hypergrad import NUM_STEPS, MLPProblem, TransformerProblem, relative_error
+import hypergrad_problems
+from hypergrad_problems import NUM_STEPS, MLPProblem, TransformerProblem, relative_error
 
 TOLERANCE = 1e-12
 WARMUP_LRS = [0.002, 0.004, 0.006, 0.008, 0.01]  # inverse_sqrt's linear warm-up
@@ -20,7 +22,7 @@ def adam(params, weight_decay=0.01, history_size=NUM_STEPS):
 
 
 def train(problem, clip_norms=None, **kwargs):
-    """The problem's K steps with RecordingAdam (the tests patch test_hypergrad.LRS, the learning
+    """The problem's K steps with RecordingAdam (the tests patch hypergrad_problems.LRS, the learning
     rate of each step, to the warm-up above: SGD's are too large for Adam)."""
     return problem.train(clip_norms=clip_norms, make_optimizer=lambda params: adam(params, **kwargs))
 
@@ -33,11 +35,11 @@ def check_adam_against_unrolled(problem, optimizer, windows):
     for num_steps in windows:
         window = optimizer.window(num_steps)
         expected = unrolled_hypergradient(window[0].params, (window[0].exp_avg, window[0].exp_avg_sq), omega, window,
-                                          problem.loss_fn, problem.val_loss, optimizer=ADAM)
+                                          problem.loss_fn, problem.val_loss, optimizer=ADAM_REVERSE)
         assert torch.cat([e.reshape(-1) for e in expected]).norm() > 1e-6  # non-trivial
         for fast, hvp in ((False, "double-backward"), (True, "double-backward"), (False, "forward-over-reverse")):
-            result = reverse_hypergradient(theta_k, None, omega, window, problem.loss_fn, val_grad,
-                                           mode="checkpoint", teacher_grad_only=fast, optimizer=ADAM, hvp=hvp)
+            options = HypergradOptions(mode="checkpoint", optimizer=ADAM_REVERSE, hvp=hvp, teacher_grad_only=fast)
+            result = reverse_hypergradient(theta_k, None, omega, window, problem.loss_fn, val_grad, options)
             errors[num_steps, fast, hvp] = relative_error(result.teacher_grad, expected)
     assert max(errors.values()) <= TOLERANCE, errors
     return errors
@@ -68,9 +70,7 @@ def test_recording_adam_is_fairseq_adam_bit_for_bit():
 
 
 def test_mlp_through_adam_steps_matches_unrolled(monkeypatch):
-    import test_hypergrad
-
-    monkeypatch.setattr(test_hypergrad, "LRS", WARMUP_LRS)
+    monkeypatch.setattr(hypergrad_problems, "LRS", WARMUP_LRS)
     problem = MLPProblem(seed=0)
     optimizer = train(problem, clip_norms=[0.05, 0.0, 0.0, 100.0, 0.05])
     assert [r.lr for r in optimizer.history] == WARMUP_LRS
@@ -78,29 +78,25 @@ def test_mlp_through_adam_steps_matches_unrolled(monkeypatch):
     # the records replay the trajectory taken
     first = optimizer.history[0]
     theta_k, (m_k, v_k) = unroll_steps(first.params, (first.exp_avg, first.exp_avg_sq), list(optimizer.history),
-                                       problem.loss_fn, optimizer=ADAM)
+                                       problem.loss_fn, optimizer=ADAM_REVERSE)
     assert relative_error(theta_k, optimizer.student_params()) < 1e-13
     assert relative_error(v_k, optimizer.moments()[1]) < 1e-13
     check_adam_against_unrolled(problem, optimizer, windows=(1, 2, NUM_STEPS))
 
 
 def test_mlp_without_weight_decay_and_chunked_losses(monkeypatch):
-    import test_hypergrad
-
-    monkeypatch.setattr(test_hypergrad, "LRS", WARMUP_LRS)
+    monkeypatch.setattr(hypergrad_problems, "LRS", WARMUP_LRS)
     problem = MLPProblem(seed=3, batch_size=9, num_chunks=3)
     optimizer = train(problem, weight_decay=0.0)
     check_adam_against_unrolled(problem, optimizer, windows=(2, NUM_STEPS))
 
 
 def test_fairseq_transformer_through_adam_steps_matches_unrolled(monkeypatch):
-    import test_hypergrad
-
     from fairseq import utils
 
     from fairseq_reweight.cli.gradcheck import _softmax_in_dtype
 
-    monkeypatch.setattr(test_hypergrad, "LRS", WARMUP_LRS)
+    monkeypatch.setattr(hypergrad_problems, "LRS", WARMUP_LRS)
     # fairseq's attention softmax runs in float32 even for a float64 model; kept in float64 here (as
     # the gradcheck command does) so that the comparison can reach 1e-12
     monkeypatch.setattr(utils, "softmax", _softmax_in_dtype)
@@ -123,10 +119,10 @@ def test_what_adam_cannot_do_is_refused_in_one_line():
     omega = [torch.zeros(2, requires_grad=True)]
     with pytest.raises(ValueError, match="mode must be one of 'checkpoint'"):
         reverse_hypergradient(params, None, omega, optimizer.window(1), lambda s, p: p[0].sum(), [torch.ones(3)],
-                              optimizer=ADAM)
+                              HypergradOptions(optimizer=ADAM_REVERSE))
     with pytest.raises(ValueError, match="no stored params.*store_states=True"):
         reverse_hypergradient(params, None, omega, optimizer.window(1), lambda s, p: p[0].sum(), [torch.ones(3)],
-                              mode="checkpoint", optimizer=ADAM)
+                              HypergradOptions(mode="checkpoint", optimizer=ADAM_REVERSE))
     record = AdamStepRecord(lr=0.1, beta1=0.9, beta2=1.0, eps=1e-8, weight_decay=0.0, step=1)
     with pytest.raises(ValueError, match="0 <= beta < 1"):
-        ADAM.check_step(0, record, params, "checkpoint")
+        ADAM_REVERSE.check_step(0, record, params, "checkpoint")

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fairseq_reweight.core import forward_mode as dual
 from fairseq_reweight.core.errors import ReweightConfigError
-from fairseq_reweight.core.gradients import gradient_jvp, gradient_vjp
+from fairseq_reweight.core.gradients import StepContext, gradient_jvp, gradient_vjp
 from fairseq_reweight.nmt.task import check_dual_attention_dropout
 
 P = 0.3
@@ -63,7 +63,7 @@ def test_forward_over_reverse_through_fused_dropout_equals_the_double_backward(m
 
     # the GPU's training step and double backward: torch.native_dropout
     fused = _loss_fn(omega, inputs, lambda h: torch.native_dropout(h, P, True)[0])
-    expected = gradient_vjp(step, [t.clone().requires_grad_() for t in theta], omega, fused, g_bar, None, 0)
+    expected = gradient_vjp(StepContext(step, 0, [t.clone().requires_grad_() for t in theta], fused, omega), g_bar)
 
     # CPU tensors as CUDA ones: F.dropout is native_dropout, and takes the fused path in dual_dropout
     def cuda_dropout(h, p=0.5, training=True, inplace=False):
@@ -77,12 +77,12 @@ def test_forward_over_reverse_through_fused_dropout_equals_the_double_backward(m
         primal = theta[0].clone().requires_grad_()
         loss = functional(step, [primal, forward_ad.make_dual(theta[1], g_bar[1])])
         torch.autograd.grad(loss, [primal])
-    actual = gradient_jvp(step, [t.clone() for t in theta], omega, functional, g_bar, None, 0)
+    actual = gradient_jvp(StepContext(step, 0, [t.clone() for t in theta], functional, omega), g_bar)
 
-    grad, _, _, hvp_theta, hvp_omega = actual
-    for a, b in zip(grad + hvp_theta + hvp_omega, expected[0] + expected[3] + expected[4]):
+    for a, b in zip(actual.grad + actual.hvp_theta + actual.hvp_omega,
+                    expected.grad + expected.hvp_theta + expected.hvp_omega):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert any(float(h.abs().max()) > 0 for h in hvp_omega)
+    assert any(float(h.abs().max()) > 0 for h in actual.hvp_omega)
 
 
 def test_dual_dropout_leaves_other_tensors_and_f_dropout_as_they_were():

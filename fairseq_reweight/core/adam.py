@@ -70,7 +70,8 @@ class AdamStepRecord:
 
 
 class AdamReverse:
-    """Differentiate Adam steps (:class:`AdamStepRecord`) from their stored states."""
+    """Differentiate Adam steps (:class:`AdamStepRecord`) from their stored states: a
+    :class:`~.interfaces.ReversibleOptimizer`. The state is the pair (m, v) of lists of tensors."""
 
     modes = ("checkpoint",)
 
@@ -114,6 +115,7 @@ class AdamReverse:
 
     @staticmethod
     def rewind_params(step: AdamStepRecord, theta: List[Tensor], state, mode: str) -> None:
+        # in place: ``theta`` is the loop's own copy of theta_K, and theta_{t+1} is not read again
         for theta_i, stored in zip(theta, step.params):
             theta_i.copy_(stored)
 
@@ -125,6 +127,7 @@ class AdamReverse:
         m_bar, v_bar = state_bar
         alpha = step.step_size
         g_tilde = []
+        # m_bar, v_bar in place: the adjoints at t + 1 are not read again, (m~, v~) take their place
         for tb, mb, vb, m, v, g in zip(theta_bar, m_bar, v_bar, step.exp_avg, step.exp_avg_sq, step.grads):
             m_new = m * step.beta1 + g * (1 - step.beta1)
             v_new = v * step.beta2 + g * g * (1 - step.beta2)
@@ -144,6 +147,7 @@ class AdamReverse:
         """The adjoints of (theta_t, (m_t, v_t)) from those of step t + 1; ``state_bar`` holds (m~, v~),
         left there by :meth:`gradient_adjoint`."""
         decay = 1 - step.lr * step.weight_decay
+        # in place: theta_bar at t + 1 is not read again, nor (m~, v~) once scaled to m_t's, v_t's adjoints
         for tb, h in zip(theta_bar, hvp_theta):
             if step.weight_decay:
                 tb.mul_(decay)
@@ -182,4 +186,5 @@ def _sqrt(v: Tensor) -> Tensor:
     return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
 
 
-ADAM = AdamReverse()
+ADAM_REVERSE = AdamReverse()
+"""Adam (fairseq's, decoupled weight decay) as the reverse loop takes it."""

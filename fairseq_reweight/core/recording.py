@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .checks import select_window
+from .interfaces import ReversibleOptimizer
 
 
 class RecordingMixin:
@@ -19,7 +20,7 @@ class RecordingMixin:
     """
 
     history: Deque
-    reverse = None  # the reverse loop's optimizer object (core.sgd.SGD, core.adam.ADAM)
+    reverse: Optional[ReversibleOptimizer] = None  # how the reverse loop takes its steps (SGD_REVERSE, ADAM_REVERSE)
     record_class = None  # the records it appends (core.sgd.StepRecord, core.adam.AdamStepRecord)
 
     def _init_recording(self, history_size: int, store_states: bool, step_callback: Optional[Callable]) -> None:

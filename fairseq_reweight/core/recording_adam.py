@@ -12,7 +12,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .adam import ADAM, AdamStepRecord
+from .adam import ADAM_REVERSE, AdamStepRecord
 from .errors import ReweightConfigError
 from .recording import RecordingMixin
 
@@ -41,7 +41,7 @@ class RecordingAdam(RecordingMixin, torch.optim.Optimizer):
         history_size, store_states, step_callback: as for RecordingSGD.
     """
 
-    reverse, record_class = ADAM, AdamStepRecord
+    reverse, record_class = ADAM_REVERSE, AdamStepRecord
 
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False, *, history_size: int = 1,

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .checks import check_reversible
 from .recording import RecordingMixin
-from .sgd import SGD, StepRecord
+from .sgd import SGD_REVERSE, StepRecord
 
 __all__ = ["RecordingSGD"]
 
@@ -41,7 +41,7 @@ class RecordingSGD(RecordingMixin, torch.optim.SGD):
         **kwargs: passed on to ``torch.optim.SGD`` (e.g. ``foreach``).
     """
 
-    reverse, record_class = SGD, StepRecord
+    reverse, record_class = SGD_REVERSE, StepRecord
 
     def __init__(
         self,

@@ -12,8 +12,8 @@ Its adjoint, given the adjoints theta_bar, v_bar of (theta_{t+1}, v_{t+1})::
     theta_bar = theta_bar + wd g~ + d(g_t . g~)/d theta
     v_bar     = momentum g~
 
-An optimizer plugs into :func:`~fairseq_reweight.core.reverse.reverse_hypergradient` by providing
-an object with the methods of :class:`SGDReverse`.
+:data:`SGD_REVERSE` is what :func:`~fairseq_reweight.core.reverse.reverse_hypergradient` takes as its
+optimizer (:class:`~.interfaces.ReversibleOptimizer`) for these steps.
 """
 import math
 import numbers
@@ -58,7 +58,8 @@ class StepRecord:
 
 
 class SGDReverse:
-    """Undo and differentiate momentum-SGD steps (:class:`StepRecord`)."""
+    """Undo and differentiate momentum-SGD steps (:class:`StepRecord`): a
+    :class:`~.interfaces.ReversibleOptimizer`. The state is v, a list of tensors."""
 
     modes = ("reverse", "checkpoint")
 
@@ -110,6 +111,7 @@ class SGDReverse:
     @staticmethod
     def rewind_params(step: StepRecord, theta: List[Tensor], velocity, mode: str) -> None:
         """theta_{t+1} -> theta_t in place: ``theta + lr v_{t+1}``, or the stored copy."""
+        # in place: ``theta`` is the loop's own copy of theta_K, and theta_{t+1} is not read again
         if mode == "reverse":
             for theta_i, v_i in zip(theta, velocity):
                 theta_i.add_(v_i, alpha=step.lr)
@@ -129,6 +131,7 @@ class SGDReverse:
     @staticmethod
     def rewind_state(step: StepRecord, velocity, grad, scale: float, theta) -> None:
         """v_{t+1} -> v_t in place: ``(v_{t+1} - s G - wd theta_t) / momentum``."""
+        # in place: ``velocity`` is the loop's copy of v_K (final_state), v_{t+1} is not read again
         for v_i, g_i, theta_i in zip(velocity, grad, theta):
             v_i.sub_(g_i, alpha=scale)
             if step.weight_decay:
@@ -139,6 +142,8 @@ class SGDReverse:
     def propagate(step: StepRecord, theta_bar, v_bar, g_bar, hvp_theta):
         """The adjoints of (theta_t, v_t) from those of (theta_{t+1}, v_{t+1}); ``v_bar`` holds g~,
         left there by :meth:`gradient_adjoint`, and becomes ``momentum g~`` in place."""
+        # in place: the adjoints at t + 1 are not read again; g~ (= v_bar's buffers) last
+        # served the step's products, computed before this call
         for tb, h, gb in zip(theta_bar, hvp_theta, g_bar):
             tb.add_(h)
             if step.weight_decay:
@@ -167,4 +172,5 @@ class SGDReverse:
         return params, buffers
 
 
-SGD = SGDReverse()
+SGD_REVERSE = SGDReverse()
+"""Momentum SGD as the reverse loop takes it (the default ``optimizer`` of the loop and the reference)."""

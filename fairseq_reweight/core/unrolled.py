@@ -2,8 +2,8 @@
 
 Memory grows with the number of steps (every step's double-backward graph is kept), so this is a
 reference for tests and for the ``gradcheck`` command, not for training. It applies the same step
-as the optimizer object's ``apply`` takes it (:class:`~fairseq_reweight.core.sgd.SGDReverse`,
-:class:`~fairseq_reweight.core.adam.AdamReverse`): clipping inside the graph
+as the optimizer's ``apply`` takes it (:class:`~.interfaces.ReversibleOptimizer`:
+:data:`~.sgd.SGD_REVERSE`, :data:`~.adam.ADAM_REVERSE`): clipping inside the graph
 (``s = min(1, c / (||G|| + 1e-6))``), weight decay, momentum or Adam's moments.
 """
 import contextlib
@@ -14,23 +14,23 @@ from torch import Tensor
 
 from .attention import math_attention
 from .checks import validate_inputs, validate_teacher_params, validate_tensor_list
-from .gradients import step_gradient
-from .reverse import LossFn
-from .sgd import SGD, StepRecord
+from .gradients import StepContext, step_gradient
+from .interfaces import LossFn, OptimizerState, Record, ReversibleOptimizer
+from .sgd import SGD_REVERSE
 
 __all__ = ["unroll_steps", "unrolled_hypergradient"]
 
 
 def unroll_steps(
     start_params: Sequence[Tensor],
-    start_momentum_buffers: Optional[Sequence[Optional[Tensor]]],
-    steps: Sequence[StepRecord],
+    start_momentum_buffers: Optional[OptimizerState],
+    steps: Sequence[Record],
     loss_fn: LossFn,
     *,
     create_graph: bool = False,
     math_sdpa: bool = True,
-    optimizer=SGD,
-) -> Tuple[List[Tensor], List[Tensor]]:
+    optimizer: ReversibleOptimizer = SGD_REVERSE,
+) -> Tuple[List[Tensor], OptimizerState]:
     """Replay ``steps`` from theta_{K-B}, v_{K-B}; return (theta_K, v_K).
 
     Args:
@@ -42,8 +42,7 @@ def unroll_steps(
         create_graph: keep the whole unrolled graph (differentiable with respect to the teacher);
             otherwise the result is detached and memory stays at one step.
         math_sdpa: run under :func:`~fairseq_reweight.core.attention.math_attention`.
-        optimizer: how the steps are taken (:data:`~fairseq_reweight.core.sgd.SGD`,
-            :data:`~fairseq_reweight.core.adam.ADAM`).
+        optimizer: how the steps are taken (:data:`~.sgd.SGD_REVERSE`, :data:`~.adam.ADAM_REVERSE`).
 
     Returns:
         (theta_K, the optimizer state at theta_K).
@@ -57,7 +56,7 @@ def unroll_steps(
     attention = math_attention() if math_sdpa else contextlib.nullcontext()
     with attention, torch.enable_grad():
         for index, step in enumerate(steps):
-            grads = step_gradient(step, params, loss_fn, index, create_graph)
+            grads = step_gradient(StepContext(step, index, params, loss_fn), create_graph)
             if create_graph:
                 params, buffers = optimizer.apply(step, params, buffers, grads)
             else:
@@ -71,14 +70,14 @@ def unroll_steps(
 
 def unrolled_hypergradient(
     start_params: Sequence[Tensor],
-    start_momentum_buffers: Optional[Sequence[Optional[Tensor]]],
+    start_momentum_buffers: Optional[OptimizerState],
     teacher_params: Sequence[Tensor],
-    steps: Sequence[StepRecord],
+    steps: Sequence[Record],
     loss_fn: LossFn,
     val_loss_fn: Callable[[List[Tensor]], Tensor],
     *,
     math_sdpa: bool = True,
-    optimizer=SGD,
+    optimizer: ReversibleOptimizer = SGD_REVERSE,
 ) -> List[Tensor]:
     """``d val_loss_fn(theta_K) / d omega`` by plain autograd through all of ``steps``.
 

@@ -19,7 +19,7 @@ from typing import List, Optional
 import torch
 from fairseq import utils
 
-from fairseq_reweight.core import HypergradResult, reverse_hypergradient
+from fairseq_reweight.core import HypergradOptions, HypergradResult, reverse_hypergradient
 from fairseq_reweight.core.checks import all_finite
 from fairseq_reweight.core.errors import ReweightConfigError
 from fairseq_reweight.core.records import map_record_tensors
@@ -211,8 +211,9 @@ def teacher_hypergradient(replay: Replay, steps: List, val_grad, mode: str, teac
     student = replay.student
     return reverse_hypergradient(
         student.theta(), student.final_state(), replay.omega, [student.convert_record(s) for s in steps],
-        replay.loss_fn, val_grad, mode=mode, all_reduce=all_reduce, teacher_grad_only=teacher_grad_only,
-        optimizer=student.recorder.reverse, hvp=hvp, kept=kept, overwrite_val_grad=overwrite_val_grad,
+        replay.loss_fn, val_grad, kept=kept, options=HypergradOptions(
+            mode=mode, optimizer=student.recorder.reverse, hvp=hvp, teacher_grad_only=teacher_grad_only,
+            all_reduce=all_reduce, overwrite_val_grad=overwrite_val_grad),
     )
 
 
@@ -229,6 +230,7 @@ def meta_gradient(replay: Replay, steps: List, sample, mode: str, hvp: str = "do
     if valid_params:
         keep = re.compile(valid_params)
         val_grad = [g if keep.search(name) else torch.zeros_like(g) for name, g in zip(replay.student.names, val_grad)]
+    # overwrite_val_grad: val_grad is not read after this call, so its tensors may serve as theta's adjoint
     grads = teacher_hypergradient(replay, steps, val_grad, mode, all_reduce=all_reduce_fn(), hvp=hvp,
                                   kept=kept, overwrite_val_grad=True).teacher_grad
     return val_loss, grads if all_finite(grads) else None

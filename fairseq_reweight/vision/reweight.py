@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from fairseq_reweight.core import RecordingSGD, StepRecord, reverse_hypergradient
+from fairseq_reweight.core import HypergradOptions, RecordingSGD, StepRecord, reverse_hypergradient
 from fairseq_reweight.core.errors import ReweightConfigError
 from fairseq_reweight.core.features import SURFACE_COLUMNS, TrainingState, surface_features, teacher_inputs
 from fairseq_reweight.core.teacher import Teacher, apply_teacher_gradient, normalize_weights
@@ -154,8 +154,8 @@ def teacher_hypergradient(model: nn.Module, optimizer: RecordingSGD, weigher: Ex
 
     steps = optimizer.window(backprop_steps)  # oldest first
     result = reverse_hypergradient([p.detach() for p in params], optimizer.momentum_buffers(),
-                                   list(weigher.parameters()), steps, loss_fn, val_grad, mode=mode,
-                                   teacher_grad_only=True)
+                                   list(weigher.parameters()), steps, loss_fn, val_grad,
+                                   HypergradOptions(mode=mode, teacher_grad_only=True))
     return float(val_loss.detach()), result.teacher_grad
 
 
