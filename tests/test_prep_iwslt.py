@@ -115,13 +115,18 @@ def test_prepare_parallel_with_sentencepiece_keeps_the_mask_whole(work, iwslt_co
     small = work / "small"
     small.mkdir()
     sizes = {"train": 300, "valid": 20, "test": 30}
+    extra = {"de": "ein satz , der viermal so viele wörter hat wie seine übersetzung .", "en": "too short ."}
     for split, n in sizes.items():
-        for lang in ("de", "en"):
-            (small / f"{split}.{lang}").write_text("\n".join(read_lines(iwslt_corpus / f"{split}.{lang}")[:n]) + "\n")
+        for lang in ("de", "en"):  # n pairs of the corpus, then a pair whose sides differ 4-fold in length
+            lines = read_lines(iwslt_corpus / f"{split}.{lang}")[:n] + [extra[lang]]
+            (small / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
     out = work / "spm" / "clean"
     run(["prepare_parallel.sh", "--spm", "--spm-vocab-size", 150, "--workers", 1, small, out])
-    assert len(read_lines(out / "tok" / "valid.de")) == 20 and len(read_lines(out / "tok" / "test.en")) == 30
-    assert 250 < len(read_lines(out / "tok" / "train.de")) <= 300  # train is cleaned, the others are not
+    # train is cleaned (length ratio at most 1.5: the extra pair goes, the corpus's pairs stay), the others are not
+    for lang in ("de", "en"):
+        assert read_lines(out / "tok" / f"train.{lang}") == tokenize(read_lines(small / f"train.{lang}")[:300], lang)
+        for split in ("valid", "test"):
+            assert read_lines(out / "tok" / f"{split}.{lang}") == tokenize(read_lines(small / f"{split}.{lang}"), lang)
     noisy_out = work / "spm" / "noisy"
     run(["make_noisy_iwslt.sh", "-p", 0.5, "-q", 0.3, "--seed", 2, "--workers", 1, out, noisy_out])
     symbols = [line.split(" ")[0] for line in read_lines(noisy_out / "data-bin" / "dict.de.txt")]
