@@ -127,13 +127,19 @@ def test_reweighted_run_checkpoint_generate_bleu(tiny_data_bin, tmp_path):
     assert state["criterion"]["reweight._extra_state"]["num_meta_updates"] == 2
     out = run_generate(tiny_data_bin, str(save / "checkpoint_last.pt"),
                        ["--user-dir", USER_DIR, "--task", "reweight_translation"])
-    hyps = [line.split("\t")[2] for line in out.splitlines() if line.startswith("H-")]
-    refs = [line.split("\t")[1] for line in out.splitlines() if line.startswith("T-")]
-    assert len(hyps) == len(refs) == 40
+    fields = [line.split("\t") for line in out.splitlines()]
+    hyps = {int(f[0][2:]): f[2] for f in fields if f[0].startswith("H-")}
+    refs = {int(f[0][2:]): f[1] for f in fields if f[0].startswith("T-")}
+    with open(os.path.join(os.path.dirname(tiny_data_bin), "text", "test.en")) as fh:  # conftest's corpus
+        test_en = fh.read().splitlines()
+    assert sorted(hyps) == sorted(refs) == list(range(40)) and [refs[i] for i in range(40)] == test_en
     import sacrebleu
 
-    bleu = sacrebleu.corpus_bleu(hyps, [refs])
-    assert 0.0 <= bleu.score <= 100.0 and bleu.sys_len > 0
+    # fairseq-generate's own score line (BLEU4 on whitespace tokens, unsmoothed) is sacrebleu's on the lines written
+    bleu = sacrebleu.corpus_bleu([hyps[i] for i in range(40)], [test_en], tokenize="none", smooth_method="none")
+    precisions = "/".join(f"{p:.1f}" for p in bleu.precisions)
+    assert (f"Generate test with beam=2: BLEU4 = {bleu.score:.2f}, {precisions} (BP={bleu.bp:.3f}, ratio="
+            f"{bleu.sys_len / bleu.ref_len:.3f}, syslen={bleu.sys_len}, reflen={bleu.ref_len})") in out.splitlines()
 
 
 def test_teacher_is_not_trained_by_the_student_optimizer(tiny_data_bin, tmp_path):

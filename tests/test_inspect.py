@@ -1,5 +1,5 @@
-"""Teacher inspection: noise AUC, the inspect command, and the in-training noise_auc metric."""
-import math
+"""Teacher inspection: the inspect command, the in-training noise_auc metric and the influence command
+(the scores themselves, core.metrics: test_noise_metrics.py)."""
 import os
 import random
 import subprocess
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 
 import fairseq_reweight  # noqa: F401  (registers the components)
 from conftest import REPO, binarize, write_parallel_corpus
@@ -16,7 +17,8 @@ from fairseq_helpers import REWEIGHT, TINY_TRANSFORMER, inner_stats, run_train
 from fairseq_reweight.cli import influence as influence_cmd
 from fairseq_reweight.cli import inspect_teacher as inspect_cmd
 from fairseq_reweight.core.errors import ReweightConfigError
-from fairseq_reweight.core.metrics import noise_summary, read_noise_sidecar, roc_auc_low_weight_noisy, select_sentences
+from fairseq_reweight.core.metrics import read_noise_sidecar, roc_auc_low_weight_noisy
+from fairseq_reweight.nmt import noise_monitor
 from fairseq_reweight.nmt.noise_monitor import NoiseAucMonitor
 
 TRAIN = TINY_TRANSFORMER + REWEIGHT + [
@@ -25,47 +27,6 @@ TRAIN = TINY_TRANSFORMER + REWEIGHT + [
     "--no-epoch-checkpoints", "--meta-valid-max-tokens", "300", "--max-update", "7",
 ]
 N_TRAIN = 300
-
-
-# -- the scores, by hand ------------------------------------------------------------------------------
-def test_auc_of_hand_made_cases():
-    assert roc_auc_low_weight_noisy([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0]) == 1.0
-    assert roc_auc_low_weight_noisy([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 0.0
-    assert roc_auc_low_weight_noisy([0.5, 0.5, 0.5, 0.5], [1, 1, 0, 0]) == 0.5  # ties count half
-    # noisy {0.1, 0.6} vs clean {0.5, 0.7}: pairs with noisy < clean: (0.1,0.5) (0.1,0.7) (0.6,0.7) = 3 of 4
-    assert roc_auc_low_weight_noisy([0.1, 0.5, 0.6, 0.7], [1, 0, 1, 0]) == 0.75
-    # noisy {0.5} vs clean {0.5, 0.7}: one tie (1/2) and one win (1) = 1.5 of 2
-    assert roc_auc_low_weight_noisy([0.5, 0.5, 0.7], [1, 0, 0]) == 0.75
-    assert math.isnan(roc_auc_low_weight_noisy([0.1, 0.2], [0, 0]))
-    summary = noise_summary([0.1, 0.5, 0.6, 0.7], [1, 0, 1, 0])
-    assert (summary.auc, summary.num_noisy, summary.num_clean) == (0.75, 2, 2)
-    assert summary.mean_weight_noisy == pytest.approx(0.35, abs=1e-12)
-    assert summary.mean_weight_clean == pytest.approx(0.6, abs=1e-12)
-    assert "0.7500" in summary.table()
-
-
-def test_noise_sidecar_is_checked(tmp_path):
-    path = tmp_path / "train.noise"
-    path.write_text("0\n1\n1\n")
-    assert read_noise_sidecar(str(path), 3).tolist() == [0, 1, 1]
-    with pytest.raises(ReweightConfigError, match="has 3 lines but the split has 4 sentences"):
-        read_noise_sidecar(str(path), 4)
-    path.write_text("0\n2\n")
-    with pytest.raises(ReweightConfigError, match="line 2 is '2'"):
-        read_noise_sidecar(str(path))
-    with pytest.raises(ReweightConfigError, match="not found"):
-        read_noise_sidecar(str(tmp_path / "missing.noise"))
-
-
-def test_subset_selection_is_seeded_and_balanced():
-    noisy = np.zeros(100, dtype=np.int8)
-    noisy[:10] = 1
-    chosen = select_sentences(100, 16, seed=4, noisy=noisy)
-    assert len(set(chosen.tolist())) == 16 and noisy[chosen].sum() == 8
-    assert select_sentences(100, 16, seed=4, noisy=noisy).tolist() == chosen.tolist()
-    # only 10 noisy: 10 of them and 20 clean
-    assert noisy[select_sentences(100, 30, seed=4, noisy=noisy)].sum() == 10
-    assert select_sentences(5, None, seed=0).tolist() == [0, 1, 2, 3, 4]
 
 
 # -- a tiny noisy corpus and checkpoints --------------------------------------------------------------
@@ -91,15 +52,22 @@ def noisy_bin(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(noisy_bin, tmp_path_factory):
-    """The same run twice: with --reweight-noise-sidecar (AUC at every meta-update) and without."""
+    """The same run twice: with --reweight-noise-sidecar (AUC at every meta-update; "scored": the sentence
+    scores the monitor computed, in order) and without."""
     root = tmp_path_factory.mktemp("runs")
     sidecar = os.path.join(noisy_bin, "train.noise")
-    logs = {
-        "with": run_train(noisy_bin, str(root / "with"), TRAIN + [
-            "--reweight-noise-sidecar", sidecar, "--reweight-noise-auc-interval", "1"]),
-        "without": run_train(noisy_bin, str(root / "without"), TRAIN),
-    }
-    return {"logs": logs, "with": str(root / "with" / "checkpoint_last.pt"),
+    scored, score_sentences = [], noise_monitor.score_sentences
+
+    def recording(*args, **kwargs):
+        scored.append(score_sentences(*args, **kwargs))
+        return scored[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(noise_monitor, "score_sentences", recording)
+        logs = {"with": run_train(noisy_bin, str(root / "with"), TRAIN + [
+            "--reweight-noise-sidecar", sidecar, "--reweight-noise-auc-interval", "1"])}
+    logs["without"] = run_train(noisy_bin, str(root / "without"), TRAIN)
+    return {"logs": logs, "scored": scored, "with": str(root / "with" / "checkpoint_last.pt"),
             "without": str(root / "without" / "checkpoint_last.pt")}
 
 
@@ -109,16 +77,21 @@ def _read_tsv(path):
     return header, rows
 
 
-def test_training_logs_noise_auc_and_is_unchanged_by_it(trained):
+def test_training_logs_noise_auc_and_is_unchanged_by_it(trained, noisy_bin):
     stats = inner_stats(trained["logs"]["with"])
     assert len(stats) == 7
     assert all("noise_auc" not in s for s in stats[:3])  # before the first meta-update (at update 3)
     with_auc = [s for s in stats if "noise_auc" in s]
     assert len(with_auc) == 4  # updates 4..7, shown in every line after the meta-update
-    for s in with_auc:
-        assert 0.0 <= float(s["noise_auc"]) <= 1.0
-        assert 0.0 < float(s["noise_w_noisy"]) < 1.0 and 0.0 < float(s["noise_w_clean"]) < 1.0
     assert float(with_auc[0]["noise_auc"]) != float(with_auc[-1]["noise_auc"])  # re-evaluated at update 6
+    # the figures of the two evaluations (updates 4-6 show the first), by sklearn from the scored sentences'
+    # weights and the sidecar, are those logged (to 4 decimals)
+    noisy = np.loadtxt(os.path.join(noisy_bin, "train.noise"), dtype=int) == 1
+    figures = [[roc_auc_score(noisy[s.ids], -s.mean_weight), s.mean_weight[noisy[s.ids]].mean(),
+                s.mean_weight[~noisy[s.ids]].mean()] for s in trained["scored"]]
+    assert len(figures) == 2 and len(trained["scored"][0].ids) == N_TRAIN
+    logged = [float(s[key]) for s in with_auc for key in ("noise_auc", "noise_w_noisy", "noise_w_clean")]
+    assert logged == pytest.approx(figures[0] * 3 + figures[1], rel=0, abs=5e-5 + 1e-12)
     plain = inner_stats(trained["logs"]["without"])
     assert [s["loss"] for s in stats] == [s["loss"] for s in plain]
     a, b = torch.load(trained["with"]), torch.load(trained["without"])
@@ -148,12 +121,15 @@ def test_inspect_writes_tables_plots_and_the_auc(trained, noisy_bin, tmp_path, c
     tokens0 = [r for r in token_rows if r[0] == "0"]
     assert [r[2] for r in tokens0] == first[7].split() + ["</s>"]
     assert float(first[3]) == pytest.approx(np.mean([float(r[3]) for r in tokens0]), abs=2e-6)
-    for r in token_rows:  # raw weights are sigmoid outputs; NLLs are non-negative
-        assert 0.0 < float(r[3]) < 1.0 and float(r[5]) >= 0.0
+    tokens = {}  # every sentence's weight, loss and NLL are the means of its tokens' (6 printed decimals each)
+    for r in token_rows:
+        tokens.setdefault(r[0], []).append([float(x) for x in r[3:6]])
+    np.testing.assert_allclose([[float(x) for x in r[3:6]] for r in rows], [np.mean(tokens[r[0]], 0) for r in rows],
+                               rtol=0, atol=2e-6)
 
     weights = np.array([float(r[3]) for r in rows])
     summary = result["summary"]
-    assert summary.auc == pytest.approx(roc_auc_low_weight_noisy(weights, noisy), abs=1e-4)
+    assert summary.auc == pytest.approx(roc_auc_score(noisy, -weights), abs=1e-4)  # from weights rounded to 6 decimals
     assert (summary.num_noisy, summary.num_clean) == (int(noisy.sum()), N_TRAIN - int(noisy.sum()))
     assert (out / "summary.txt").read_text().count("ROC AUC") == 1
 

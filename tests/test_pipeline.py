@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import sacrebleu
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
@@ -41,6 +42,17 @@ def _detokenized_hypotheses(run_dir):
             hyps[int(index)] = text
     detok = MosesDetokenizer(lang="en")
     return [detok.detokenize(hyps[i].split()) for i in sorted(hyps)]
+
+
+def _seconds_per_update(log_file):
+    """A fairseq-train log's training time per update: each epoch summary's new updates over its ups."""
+    seconds = updates = 0
+    for line in _lines(log_file):
+        if "| train | epoch" in line:
+            total = int(re.search(r"\| num_updates (\d+)", line).group(1))
+            seconds += (total - updates) / float(re.search(r"\| ups ([0-9.]+)", line).group(1))
+            updates = total
+    return seconds / updates
 
 
 def _csv(path):
@@ -93,7 +105,9 @@ def test_pipeline_micro(tmp_path):
         assert row["lowercased"] == "1" and row["bleu_lc_signature"].startswith("nrefs:1|case:lc|")
         assert float(row["sacrebleu_lc"]) == round(sacrebleu.corpus_bleu(h, [raw], lowercase=True).score, 2)
         assert row["references"] == str((clean / "raw" / "test.en").resolve())
-        assert float(row["sec_per_update"]) > 0 and "fairseq-train" in row["command"]
+        # the time per update of the method's own fine-tune, from its log (4 decimals)
+        sec = _seconds_per_update(out / "logs" / f"noisy-{row['method']}-seed1.log")
+        assert float(row["sec_per_update"]) == pytest.approx(sec, rel=0, abs=5e-5) and "fairseq-train" in row["command"]
     assert rows[0]["p_bleu"] == rows[0]["p_chrf"] == ""
     for row in rows[1:]:  # sacrebleu's paired bootstrap against the baseline of the same seed
         if hyps[row["method"]] == hyps["baseline"]:

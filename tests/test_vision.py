@@ -12,6 +12,8 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 
 from fairseq_reweight.core.errors import ReweightConfigError
 from fairseq_reweight.core import RecordingSGD
@@ -22,7 +24,7 @@ from fairseq_reweight.vision.cifar import (
     random_crop_flip,
 )
 from fairseq_reweight.vision.digits import load_digits_splits
-from fairseq_reweight.vision.resnet import CifarResNet, WideResNet
+from fairseq_reweight.vision.resnet import CifarResNet, WideResNet, build_student
 from fairseq_reweight.vision.reweight import (
     ExampleWeigher,
     StepData,
@@ -112,7 +114,8 @@ def test_load_split_and_noise_only_in_train(tmp_path, dataset, classes):
     assert valid == splits.valid_labels.tolist()
     clean = [lookup[x.numpy().tobytes()] for x in splits.train_images]
     assert clean == splits.train_clean_labels.tolist()
-    assert (splits.train_labels != splits.train_clean_labels).float().mean() > 0.5
+    changed, p = (splits.train_labels != splits.train_clean_labels).double().mean(), 0.8 * (classes - 1) / classes
+    assert abs(float(changed) - p) < 4 * np.sqrt(p * (1 - p) / 300)  # a uniform label (maybe the same) w.p. 0.8: 4 sd
     # the unpacked folder gives the same data
     with tarfile.open(os.path.join(str(tmp_path), os.listdir(str(tmp_path))[0])) as tar:
         safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.8.17
@@ -182,7 +185,7 @@ def test_digits_splits_share_the_test_set():
     assert a.train_images.shape == (1197, 1, 8, 8) and len(a.test_labels) == 500
     assert torch.equal(a.test_images, b.test_images)
     assert not torch.equal(a.train_labels, b.train_labels)
-    assert 0.3 < (a.train_labels != a.train_clean_labels).float().mean() < 0.5
+    assert abs(float((a.train_labels != a.train_clean_labels).double().mean()) - 0.4) < 4 * np.sqrt(0.24 / 1197)
 
 
 def test_random_crop_flip_is_a_seeded_shift_or_mirror():
@@ -266,28 +269,55 @@ TINY = ["--depth", "8", "--width", "4", "--batch-size", "32", "--valid-size", "4
         "--log-interval", "4", "--threads", "1", "--device", "cpu"]
 
 
+def recomputed(data, save_dir, dataset, classes, noise, rate, teacher="deep"):
+    """From the last checkpoint of a TINY run: the test error (%) and the ROC AUCs of "low weight => noisy" and
+    "high loss => noisy" over the training split (all of it: up to 5000 scored), None without noisy labels."""
+    state = torch.load(os.path.join(str(save_dir), "checkpoint_last.pt"))
+    splits = load_cifar(str(data), dataset, noise, rate, valid_size=40, seed=1)
+    model = build_student("resnet", classes, 3, depth=8, width=4)
+    model.load_state_dict(state["model"])
+    weigher = ExampleWeigher(teacher, model.feature_dim, classes)
+    weigher.load_state_dict(state["teacher"])
+    progress = state["progress"]  # the training state of the surface features, at the end of the run
+    context = StepData(None, None, 1.0, progress["loss_sum"] / progress["loss_count"], progress["best_valid_acc"] / 100)
+    with torch.no_grad():
+        test_logits, _ = model.eval()(splits.normalize(splits.test_images))
+        logits, features = model(splits.normalize(splits.train_images))
+        losses = F.cross_entropy(logits, splits.train_labels, reduction="none")
+        weights = weigher(features, logits, splits.train_labels, losses, context)
+    error = 100.0 * float((test_logits.argmax(1) != splits.test_labels).double().mean())
+    noisy = (splits.train_labels != splits.train_clean_labels).numpy()
+    if not noisy.any():
+        return error, None, None
+    return error, roc_auc_score(noisy, -weights.numpy()), roc_auc_score(noisy, losses.numpy())
+
+
 @pytest.mark.parametrize("noise", ["none", "uniform", "flip"])
 def test_command_trains_with_each_noise_and_moves_the_teacher(cifar10_dir, tmp_path, noise):
     rate = ["--noise-rate", "0.4"] if noise != "none" else []
     results = main(["--data", cifar10_dir, "--noise", noise, *rate, "--epochs", "1",
                     "--save-dir", str(tmp_path), *TINY])
     assert results["steps"] == (260 - 40) // 32
-    assert 0.0 <= results["test_error"] <= 100.0
+    error, teacher_auc, loss_auc = recomputed(cifar10_dir, tmp_path, "cifar10", 10, noise, 0.4 * bool(rate))
+    # the command's float32 logits and weights, from batches of the same shape: the same predictions and ranks
+    assert results["test_error"] == pytest.approx(error, abs=1e-9)  # 100 - 100 * right / n vs 100 * wrong / n
     if noise == "none":
-        assert results["teacher_auc"] is None
+        assert results["teacher_auc"] is None and results["loss_auc"] is None and teacher_auc is None
     else:
-        assert 0.0 <= results["teacher_auc"] <= 1.0 and 0.0 <= results["loss_auc"] <= 1.0
-    teacher = torch.load(os.path.join(str(tmp_path), "checkpoint_last.pt"))["teacher"]
-    assert float(teacher["teacher.feature_proj.weight"].abs().max()) > 0  # starts at zero
-    assert float(teacher["teacher.label_embed.weight"].abs().max()) > 0
+        assert (results["teacher_auc"], results["loss_auc"]) == pytest.approx((teacher_auc, loss_auc), abs=1e-12)
+    state = torch.load(os.path.join(str(tmp_path), "checkpoint_last.pt"))  # K = 3: 2 teacher steps in 6, from zero
+    assert {int(s["step"]) for s in state["teacher_optimizer"]["state"].values()} == {2}
+    assert all(state["teacher"][f"teacher.{name}.weight"].abs().max() > 0 for name in ("feature_proj", "label_embed"))
 
 
 def test_command_cifar100_surface_teacher_checkpoint_mode(tmp_path):
     write_archive(str(tmp_path), "cifar100", 200, 40, 100)
     results = main(["--data", str(tmp_path), "--dataset", "cifar100", "--noise", "flip",
                     "--noise-rate", "0.4", "--teacher", "surface", "--history-mode",
-                    "checkpoint", "--epochs", "1", *TINY])
-    assert results["steps"] == (200 - 40) // 32 and results["teacher_auc"] is not None
+                    "checkpoint", "--epochs", "1", "--save-dir", str(tmp_path / "run"), *TINY])
+    error, teacher_auc, loss_auc = recomputed(tmp_path, tmp_path / "run", "cifar100", 100, "flip", 0.4, "surface")
+    assert results["steps"] == (200 - 40) // 32 and results["test_error"] == pytest.approx(error, abs=1e-9)
+    assert (results["teacher_auc"], results["loss_auc"]) == pytest.approx((teacher_auc, loss_auc), abs=1e-12)
 
 
 def test_command_is_deterministic_and_resumes_exactly(cifar10_dir, tmp_path):
