@@ -30,131 +30,33 @@ frees memory, so in one process every configuration would inherit the peak of th
 Prints a table of ratios to ``plain``. ``--repeats N``
 measures every configuration N times, round-robin, and prints each ratio's median over the
 repeats (each repeat's ratio to that repeat's plain run) with its range: on a small shared CPU
-machine single ratios vary by about +-0.1 between runs, and by more when the machine slows for a
-while. ``--interleave`` times only, robustly: plain and each configuration are trained side by side
+machine single ratios vary between runs (docs/BENCHMARKS.md), and more when the machine slows for
+a while. ``--interleave`` times only, robustly: plain and each configuration are trained side by side
 in one process and timed in alternation, K updates (one meta-update) at a time, so that both sides
 see the same machine; it prints the ratio of the summed times and the range over the K-update
 stretches.
 
-    python benchmarks/cost.py DATA_BIN --arch transformer_iwslt_de_en --max-tokens 4096   # GPU
-    python benchmarks/cost.py DATA_BIN --preset cpu-small --repeats 3                      # CPU
-    python benchmarks/cost.py DATA_BIN --preset cpu-small --interleave --repeats 3         # CPU, time only
+    python -m benchmarks.cost DATA_BIN --arch transformer_iwslt_de_en --max-tokens 4096   # GPU
+    python -m benchmarks.cost DATA_BIN --preset cpu-small --repeats 3                      # CPU
+    python -m benchmarks.cost DATA_BIN --preset cpu-small --interleave --repeats 3         # CPU, time only
 """
 import argparse
 import copy
 import gc
 import logging
 import math
-import multiprocessing
-import os
 import shlex
 import statistics
-import sys
-import threading
 import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-USER_DIR = os.path.join(REPO, "fairseq_reweight")
-CPU_SMALL = ["--arch", "transformer", "--encoder-layers", "2", "--decoder-layers", "2",
-             "--encoder-embed-dim", "128", "--decoder-embed-dim", "128", "--encoder-ffn-embed-dim", "256",
-             "--decoder-ffn-embed-dim", "256", "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
-             "--max-tokens", "1024", "--cpu"]
-
-
-class PeakRSS:
-    """Peak resident set size of this process inside the block (CPU runs): the kernel's high-water
-    mark (``VmHWM``), reset on entry through ``/proc/self/clear_refs`` (Linux >= 4.0), so that no
-    peak is missed; only where that reset is refused, the RSS sampled every millisecond in a thread
-    (which can miss a peak shorter than that)."""
-
-    def __init__(self):
-        self.peak, self._stop, self.exact = 0, threading.Event(), False
-
-    @staticmethod
-    def rss():
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    @staticmethod
-    def high_water_mark():
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        raise OSError("no VmHWM in /proc/self/status")
-
-    def __enter__(self):
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")  # the high-water mark := the current RSS
-            self.exact = True
-        except OSError:
-            self.exact = False
-        self.base = self.rss()
-        self.peak = self.base
-        if not self.exact:
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, self.rss())
-
-    def __exit__(self, *exc):
-        if self.exact:
-            self.peak = max(self.peak, self.high_water_mark())
-        else:
-            self._stop.set()
-            self._thread.join()
-
-
-def timed(function, label, times: dict, cuda: bool):
-    """``function`` wrapped to append its wall time (synchronised on a GPU) to ``times[label]``."""
-    def wrapper(*args, **kwargs):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = function(*args, **kwargs)
-        if cuda:
-            torch.cuda.synchronize()
-        times.setdefault(label, []).append(time.perf_counter() - start)
-        return result
-
-    return wrapper
-
-
-def training_flags(model_flags, optimizer="sgd"):
-    """fairseq-train flags of plain fairseq (momentum SGD or Adam) and of this method, same model and data."""
-    # --max-update only sets the surface teacher's "progress" feature (update / max-update), which
-    # needs it; the benchmarks run their own number of updates.
-    common = model_flags + ["--lr", "1e-3", "--label-smoothing", "0.1",
-                            "--seed", "1", "--num-workers", "0", "--max-update", "1000"]
-    common += ["--momentum", "0.9"] if optimizer == "sgd" else ["--adam-betas", "(0.9, 0.98)"]
-    plain = common + ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--optimizer", optimizer]
-    ours = common + ["--user-dir", USER_DIR, "--task", "reweight_translation",
-                     "--criterion", "reweighted_cross_entropy", "--optimizer", f"reweight_{optimizer}"]
-    return plain, ours
-
-
-def build(data, flags):
-    from fairseq import options, tasks
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-    from fairseq.trainer import Trainer
-
-    args = options.parse_args_and_arch(options.get_training_parser(), [data] + flags)
-    cfg = convert_namespace_to_omegaconf(args)
-    task = tasks.setup_task(cfg.task)
-    task.load_dataset(cfg.dataset.train_subset, combine=False, epoch=1)
-    model = task.build_model(cfg.model)
-    criterion = task.build_criterion(cfg.criterion)
-    return Trainer(cfg, task, model, criterion), task, cfg
+from benchmarks.common import (PeakRSS, add_model_arguments, build, in_child, model_flags, summary, synchronize,
+                               time_meta_updates, training_flags, uses_cuda)
 
 
 def measure(name, data, flags, init_state, batches, warmup, timed_updates):
-    cuda = torch.cuda.is_available() and "--cpu" not in flags
+    cuda = uses_cuda(flags)
     # on a GPU all configurations share this process: the trainer before this one (reference cycles)
     # must be gone, and what is still allocated is not this configuration's
     gc.collect()
@@ -171,8 +73,7 @@ def measure(name, data, flags, init_state, batches, warmup, timed_updates):
         start = time.perf_counter()
         for sample in batches[warmup: warmup + timed_updates]:
             trainer.train_step([sample])
-        if cuda:
-            torch.cuda.synchronize()
+        synchronize(cuda)
         elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() - start_allocated if cuda else rss.peak - start_rss
     del trainer
@@ -185,24 +86,19 @@ def measure_pair(name, data, plain_flags, flags, period, init_state, batches, wa
     and timed in alternation, ``period`` updates at a time (the configuration's K: each stretch holds
     one meta-update), plain first in every other stretch. Whatever slows the machine for a while
     then slows both sides alike; the ratio is of the summed times, the range over the stretches.
-    The meta-updates are timed too, so that the ratio splits into the configuration's ordinary
-    updates against plain and its meta-updates in plain updates."""
-    from fairseq_reweight.nmt.driver import ReweightDriver
-
+    The meta-updates are timed too (the driver's ``meta_update_hook``), so that the ratio splits into
+    the configuration's ordinary updates against plain and its meta-updates in plain updates."""
     trainers = [build(data, f)[0] for f in (plain_flags, flags)]
-    cuda = torch.cuda.is_available() and "--cpu" not in flags
+    cuda = uses_cuda(flags)
     for trainer in trainers:
         trainer.model.load_state_dict(init_state)
-    meta_times, untimed = {}, ReweightDriver.meta_update
-    ReweightDriver.meta_update = timed(untimed, "meta", meta_times, cuda)
-    try:
-        for sample in batches[:warmup]:
-            for trainer in trainers:
-                trainer.train_step([sample])
-        meta_times.clear()
-        elapsed = _alternate(trainers, batches, warmup, timed_updates, period, cuda)
-    finally:
-        ReweightDriver.meta_update = untimed
+    meta_times = {}
+    time_meta_updates(trainers[1], "meta", meta_times, cuda)
+    for sample in batches[:warmup]:
+        for trainer in trainers:
+            trainer.train_step([sample])
+    meta_times.clear()
+    elapsed = _alternate(trainers, batches, warmup, timed_updates, period, cuda)
     updates = period * len(elapsed[0])
     meta = meta_times.get("meta", [])
     return {"name": name, "plain ms": 1000 * sum(elapsed[0]) / updates, "ms": 1000 * sum(elapsed[1]) / updates,
@@ -217,36 +113,13 @@ def _alternate(trainers, batches, warmup, timed_updates, period, cuda):
     elapsed = ([], [])
     for stretch, start in enumerate(range(warmup, warmup + timed_updates - period + 1, period)):
         for side in ((0, 1) if stretch % 2 == 0 else (1, 0)):
-            if cuda:
-                torch.cuda.synchronize()
+            synchronize(cuda)
             begin = time.perf_counter()
             for sample in batches[start: start + period]:
                 trainers[side].train_step([sample])
-            if cuda:
-                torch.cuda.synchronize()
+            synchronize(cuda)
             elapsed[side].append(time.perf_counter() - begin)
     return elapsed
-
-
-def _call_and_send(send, function, args):
-    logging.disable(logging.WARNING)
-    import fairseq.trainer  # noqa: F401  (imported before the RSS baseline, as in the parent)
-    import fairseq_reweight  # noqa: F401
-
-    send.send(function(*args))
-
-
-def in_child(function, *args):
-    """``function(*args)`` in a new process (CPU; spawned, as forking after OpenMP has started
-    threads can hang): none of the configurations inherits another's peak RSS or allocator state."""
-    context = multiprocessing.get_context("spawn")
-    receive, send = context.Pipe(duplex=False)
-    process = context.Process(target=_call_and_send, args=(send, function, args))
-    process.start()
-    send.close()  # the child's copy stays open: recv() raises EOFError if the child dies instead of waiting
-    result = receive.recv()
-    process.join()
-    return result
 
 
 def _fields(spec: str):
@@ -254,10 +127,10 @@ def _fields(spec: str):
     return [item.split(":") for item in spec.split(",") if item]
 
 
-def main():
+def parse_args():
+    """(parser, its arguments, fairseq-train's model and batch flags)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("data")
-    parser.add_argument("--preset", choices=["cpu-small"], help="small model and batches for the CPU")
+    add_model_arguments(parser)
     parser.add_argument("--sweep", default="20:2,20:5,50:5",
                         help="K:B pairs to measure besides plain and lookahead")
     parser.add_argument("--dual-sweep", default="20:2,20:5",
@@ -282,99 +155,122 @@ def main():
     parser.add_argument("--reweight-args", default="",
                         help="extra flags for the reweighting configurations only, e.g. "
                         "\"--meta-valid-max-tokens 4096 --teacher-hidden-layers 1\"")
-    args, model_flags = parser.parse_known_args()
-    if args.preset == "cpu-small":
-        model_flags = CPU_SMALL + model_flags
-    logging.disable(logging.WARNING)
-    sys.path.insert(0, REPO)
-    import fairseq_reweight  # noqa: F401
+    args, flags = parser.parse_known_args()
+    return parser, args, model_flags(args, flags)
 
-    plain, ours = training_flags(model_flags)
+
+def configurations(args, flags):
+    """The tables to measure, each ((plain's name, plain's flags), [(name, K, flags), ...]): momentum
+    SGD with every sweep, then, where ``--adam-sweep`` names any, Adam."""
+    plain, ours = training_flags(flags)
     ours += ["--reweight-history", args.history] + shlex.split(args.reweight_args)
-    configs = [(f"K={k},B={b}", int(k), ours + ["--reweight-interval", k, "--reweight-backprop-steps", b])
-               for k, b in _fields(args.sweep)]
-    configs += [(f"K={k},B={b} fwd-rev", int(k), ours + ["--reweight-interval", k, "--reweight-backprop-steps", b,
-                                                          "--reweight-hvp", "forward-over-reverse"])
+
+    def schedule(k, b, *more):
+        return ours + ["--reweight-interval", k, "--reweight-backprop-steps", b, *more]
+
+    configs = [(f"K={k},B={b}", int(k), schedule(k, b)) for k, b in _fields(args.sweep)]
+    configs += [(f"K={k},B={b} fwd-rev", int(k), schedule(k, b, "--reweight-hvp", "forward-over-reverse"))
                 for k, b in _fields(args.dual_sweep)]
-    configs += [(f"K={k},B={b} replay", int(k), ours + ["--reweight-interval", k, "--reweight-backprop-steps", b,
-                                                         "--reweight-newest-step", "replay"])
+    configs += [(f"K={k},B={b} replay", int(k), schedule(k, b, "--reweight-newest-step", "replay"))
                 for k, b in _fields(args.replay_sweep)]
-    configs += [(f"K={k},B={b} C={c}", int(k), ours + ["--reweight-interval", k, "--reweight-backprop-steps", b,
-                                                       "--reweight-chunks", c])
+    configs += [(f"K={k},B={b} C={c}", int(k), schedule(k, b, "--reweight-chunks", c))
                 for k, b, c in _fields(args.chunk_sweep)]
     if not args.no_lookahead:
-        configs.append(("lookahead K=1,B=1", 1, ours + ["--reweight-interval", "1", "--reweight-backprop-steps", "1"]))
-    plain_adam, ours_adam = training_flags(model_flags, "adam")
+        configs.append(("lookahead K=1,B=1", 1, schedule("1", "1")))
+    plain_adam, ours_adam = training_flags(flags, "adam")
     ours_adam += ["--reweight-history", "checkpoint"] + shlex.split(args.reweight_args)
     adam_configs = [(f"Adam K={k},B={b}", int(k), ours_adam + ["--reweight-interval", k, "--reweight-backprop-steps", b])
                     for k, b in _fields(args.adam_sweep)]
-    if not configs + adam_configs:
-        parser.error("nothing to measure: every sweep is empty and --no-lookahead is given")
-    longest = max(k for _, k, _ in configs + adam_configs)
-    warmup = longest + 1
-    period = math.lcm(*(k for _, k, _ in configs + adam_configs))
-    timed = args.periods * period * max(1, math.ceil(20 / (args.periods * period)))
+    tables = [(("plain fairseq SGD", plain), configs)]
+    if adam_configs:
+        tables.append((("plain fairseq Adam", plain_adam), adam_configs))
+    return tables
 
-    trainer, task, cfg = build(args.data, plain)
+
+def update_counts(tables, periods):
+    """(warm-up updates, timed updates): max(K) + 1, then PERIODS x lcm(K) updates, at least 20."""
+    intervals = [k for _, configs in tables for _, k, _ in configs]
+    period = math.lcm(*intervals)
+    return max(intervals) + 1, periods * period * max(1, math.ceil(20 / (periods * period)))
+
+
+def draw_batches(data, plain, needed):
+    """(the initial parameters, ``needed`` training batches), from plain fairseq's Trainer (epochs
+    after the first where one is not enough)."""
+    trainer, _, _ = build(data, plain)
     init_state = copy.deepcopy(trainer.model.state_dict())
     itr = trainer.get_train_iterator(epoch=1, load_dataset=False).next_epoch_itr(shuffle=True)
     batches = []
-    needed = warmup + timed
     while len(batches) < needed:
         try:
             batches.append(next(itr))
         except StopIteration:
             itr = trainer.get_train_iterator(epoch=2, load_dataset=False).next_epoch_itr(shuffle=True)
-    del trainer
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and "--cpu" not in plain else "CPU"
-    print(f"device: {device}; torch {torch.__version__}; {sum(v.numel() for v in init_state.values()):,} "
-          f"parameters; {sum(b['ntokens'] for b in batches) / len(batches):.0f} target tokens per batch")
-    print(f"timing updates {warmup + 1}-{warmup + timed} of every configuration (after {warmup} warm-up updates)")
-    # a discarded first run absorbs one-off costs (CUDA context, kernel selection, allocator growth);
-    # on a GPU it takes every batch, since the first pass over each batch shape selects its kernels
-    # (fp16 on an H200: the configuration measured first ran 4x slower than plain's second run)
-    cuda_run = device != "CPU"
-    measure("warm-up", args.data, plain, init_state, batches, warmup if cuda_run else 2, timed if cuda_run else 2)
-    tables = [(("plain fairseq SGD", plain), configs)]
-    if adam_configs:
-        tables.append((("plain fairseq Adam", plain_adam), adam_configs))
-    # on the CPU every measurement in its own process (peak RSS); on a GPU in this one
-    run = in_child if device == "CPU" else (lambda function, *function_args: function(*function_args))
-    if args.interleave:
-        runs = [[[] for _ in table_configs] for _, table_configs in tables]
-        for _ in range(args.repeats):
-            for ((_, plain_flags), table_configs), table_runs in zip(tables, runs):
-                for (name, k, flags), config_runs in zip(table_configs, table_runs):
-                    config_runs.append(run(measure_pair, name, args.data, plain_flags, flags, k, init_state,
-                                           batches, warmup, timed))
-                    result = config_runs[-1]
-                    print(f"measured {name}: {result['ms']:.1f} ms/update, plain {result['plain ms']:.1f}",
-                          flush=True)
-        for ((plain_name, _), table_configs), table_runs in zip(tables, runs):
-            print_pairs(plain_name, table_configs, table_runs)
-        print("\n(interleaved: time only, plain and each configuration in one process)")
-        return
+    return init_state, batches
+
+
+def compare_interleaved(args, tables, run, init_state, batches, warmup, timed_updates):
+    """``--interleave``: every configuration against its plain, side by side (:func:`measure_pair`)."""
+    runs = [[[] for _ in table_configs] for _, table_configs in tables]
+    for _ in range(args.repeats):
+        for ((_, plain_flags), table_configs), table_runs in zip(tables, runs):
+            for (name, k, flags), config_runs in zip(table_configs, table_runs):
+                config_runs.append(run(measure_pair, name, args.data, plain_flags, flags, k, init_state,
+                                       batches, warmup, timed_updates))
+                result = config_runs[-1]
+                print(f"measured {name}: {result['ms']:.1f} ms/update, plain {result['plain ms']:.1f}",
+                      flush=True)
+    for ((plain_name, _), table_configs), table_runs in zip(tables, runs):
+        print_pairs(plain_name, table_configs, table_runs)
+    print("\n(interleaved: time only, plain and each configuration in one process)")
+
+
+def compare_separately(args, tables, run, init_state, batches, warmup, timed_updates, cuda):
+    """Plain and every configuration one after the other (:func:`measure`): time and peak memory."""
     runs = [[[] for _ in range(len(table_configs) + 1)] for _, table_configs in tables]
     for _ in range(args.repeats):
         for (base, table_configs), table_runs in zip(tables, runs):
             for (name, flags), config_runs in zip([base] + [(n, f) for n, _, f in table_configs], table_runs):
-                config_runs.append(run(measure, name, args.data, flags, init_state, batches, warmup, timed))
+                config_runs.append(run(measure, name, args.data, flags, init_state, batches, warmup, timed_updates))
                 result = config_runs[-1]
                 print(f"measured {name}: {result['ms']:.1f} ms/update, peak {result['peak'] / 2**20:.0f} MiB",
                       flush=True)
     for (base, table_configs), table_runs in zip(tables, runs):
         print_table([base[0]] + [name for name, _, _ in table_configs], table_runs)
     exact = all(r["exact peak"] for table_runs in runs for config_runs in table_runs for r in config_runs)
-    peak = "torch.cuda.max_memory_allocated" if cuda_run else "peak RSS ({})".format(
+    peak = "torch.cuda.max_memory_allocated" if cuda else "peak RSS ({})".format(
         "the kernel's high-water mark" if exact else "sampled every millisecond")
     print(f"\n(history mode: {args.history}, Adam: checkpoint; peak memory: {peak} over what was there before "
           "the model was built)")
 
 
-def summary(values):
-    """``median`` or ``median (min-max)``."""
-    middle = statistics.median(values)
-    return f"{middle:.2f}" if len(values) == 1 else f"{middle:.2f} ({min(values):.2f}-{max(values):.2f})"
+def main():
+    parser, args, flags = parse_args()
+    logging.disable(logging.WARNING)
+    import fairseq_reweight  # noqa: F401
+
+    tables = configurations(args, flags)
+    if not any(table_configs for _, table_configs in tables):
+        parser.error("nothing to measure: every sweep is empty and --no-lookahead is given")
+    warmup, timed_updates = update_counts(tables, args.periods)
+    plain = tables[0][0][1]
+    init_state, batches = draw_batches(args.data, plain, warmup + timed_updates)
+    cuda = uses_cuda(plain)
+    device = torch.cuda.get_device_name() if cuda else "CPU"
+    print(f"device: {device}; torch {torch.__version__}; {sum(v.numel() for v in init_state.values()):,} "
+          f"parameters; {sum(b['ntokens'] for b in batches) / len(batches):.0f} target tokens per batch")
+    print(f"timing updates {warmup + 1}-{warmup + timed_updates} of every configuration (after {warmup} warm-up "
+          "updates)")
+    # a discarded first run absorbs one-off costs (CUDA context, kernel selection, allocator growth);
+    # on a GPU it takes every batch, since the first pass over each batch shape selects its kernels
+    # (the configuration measured first would otherwise run slower: docs/BENCHMARKS.md)
+    measure("warm-up", args.data, plain, init_state, batches, warmup if cuda else 2, timed_updates if cuda else 2)
+    # on the CPU every measurement in its own process (peak RSS); on a GPU in this one
+    run = (lambda function, *function_args: function(*function_args)) if cuda else in_child
+    if args.interleave:
+        compare_interleaved(args, tables, run, init_state, batches, warmup, timed_updates)
+    else:
+        compare_separately(args, tables, run, init_state, batches, warmup, timed_updates, cuda)
 
 
 def print_pairs(plain_name, configs, runs):

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU figures of README "Benchmarks" and examples/iwslt14/README.md in one script for a
-# 15-minute lease of one GPU (8-9 minutes expected; the parts' limits add up to 12, most important
-# first): checks of the dropout masks and of the loss from the logits on the device, cost.py at
-# transformer_iwslt_de_en (fp32 and fp16), meta_breakdown.py with each
-# Hessian-vector product, and short real fine-tunes (updates/s of the baseline and the teacher; the
-# teacher under --bf16).
+# 15-minute lease of one GPU (the parts' limits add up to 12 minutes, most important first; the
+# time it took: docs/BENCHMARKS.md): checks of the dropout masks and of the loss from the logits on
+# the device, benchmarks.cost at transformer_iwslt_de_en (fp32 and fp16), benchmarks.meta_breakdown
+# with each Hessian-vector product, and short real fine-tunes (updates/s of the baseline and the
+# teacher; the teacher under --bf16).
 #
 #   benchmarks/gpu.sh DATA_BIN LOG
 #
@@ -98,19 +98,19 @@ for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
     print(dtype, 'gradient and HVP from the logits == fairseq formulation on', torch.cuda.get_device_name())
 "
 # 1. the goal's figures: time and peak memory per update against plain fairseq, fp32 then fp16
-# (limits from an H200, 2026-12-04: about 9 s to build a configuration and 60-150 ms an update)
-part cost-fp32 170 $PY benchmarks/cost.py "$DATA" "${MODEL[@]}" "${SWEEP[@]}"
+# (the limits: from an H200's time to build a configuration and per update, docs/BENCHMARKS.md)
+part cost-fp32 170 $PY -m benchmarks.cost "$DATA" "${MODEL[@]}" "${SWEEP[@]}"
 # plain and K = 20, B = 2 in turns (kept newest step, and replayed): ordinary updates against plain's, and
 # a meta-update in plain updates
-part cost-fp32-interleaved 90 $PY benchmarks/cost.py "$DATA" "${MODEL[@]}" "${PAIR[@]}" --interleave
+part cost-fp32-interleaved 90 $PY -m benchmarks.cost "$DATA" "${MODEL[@]}" "${PAIR[@]}" --interleave
 if [ "$QUICK" != 1 ]; then  # --fp16 needs a GPU here
-  part cost-fp16 80 $PY benchmarks/cost.py "$DATA" "${MODEL[@]}" --fp16 "${SWEEP16[@]}"
+  part cost-fp16 80 $PY -m benchmarks.cost "$DATA" "${MODEL[@]}" --fp16 "${SWEEP16[@]}"
 fi
-part cost-fp32-long 75 $PY benchmarks/cost.py "$DATA" "${MODEL[@]}" "${LONG[@]}"
+part cost-fp32-long 75 $PY -m benchmarks.cost "$DATA" "${MODEL[@]}" "${LONG[@]}"
 # 2. where a meta-update's time goes on this device, with each Hessian-vector product
-part breakdown 40 $PY benchmarks/meta_breakdown.py "$DATA" "${MODEL[@]}" --interval $INTERVAL \
+part breakdown 40 $PY -m benchmarks.meta_breakdown "$DATA" "${MODEL[@]}" --interval $INTERVAL \
   --updates $BREAK_UPDATES
-part breakdown-fwdrev 40 $PY benchmarks/meta_breakdown.py "$DATA" "${MODEL[@]}" --interval $INTERVAL \
+part breakdown-fwdrev 40 $PY -m benchmarks.meta_breakdown "$DATA" "${MODEL[@]}" --interval $INTERVAL \
   --updates $BREAK_UPDATES --reweight-hvp forward-over-reverse
 # 3. real fine-tunes through fairseq-train: updates/s of the baseline and the teacher (fairseq's "ups";
 # the second log line is past the first epoch's one-off costs), and the teacher under --bf16

@@ -9,8 +9,8 @@ measures one plain training step against one reverse step (B = 1): on CUDA the p
 memory, on CPU the peak bytes of tensors saved for backward (parameters excluded), counted with
 ``torch.autograd.graph.saved_tensors_hooks``.
 
-    PYTHONPATH=. python benchmarks/hypergrad_drift.py              # CPU, about a minute
-    PYTHONPATH=. python benchmarks/hypergrad_drift.py --device cuda
+    python -m benchmarks.hypergrad_drift              # CPU
+    python -m benchmarks.hypergrad_drift --device cuda
 """
 import argparse
 import copy
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from benchmarks.common import synchronize
 from fairseq_reweight.core import HypergradOptions, RecordingSGD, StepRecord, reverse_hypergradient
 from fairseq_reweight.core.teacher import Teacher, normalize_weights
 
@@ -136,16 +137,14 @@ def measure(fn, params, device, repeats=5):
 
     Bytes: CUDA allocator peak above the start, or on CPU the peak of saved-for-backward tensors.
     """
-    seconds = []
+    cuda, seconds = device.type == "cuda", []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(cuda)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(cuda)
         seconds.append(time.perf_counter() - start)
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start_bytes = torch.cuda.memory_allocated()

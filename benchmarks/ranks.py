@@ -17,8 +17,8 @@ cores; ``--repeats`` runs every one that many times, round-robin, and prints med
 On the CPU the ranks use gloo and ``--ddp-backend legacy_ddp``, as fairseq 0.12 needs there; on
 GPUs nccl and fairseq's default DDP wrapper, one GPU a rank (that path has not been run yet).
 
-    python benchmarks/ranks.py DATA_BIN --preset cpu-small --ranks 1,2 --repeats 3   # CPU, >= 2 cores
-    python benchmarks/ranks.py DATA_BIN --arch transformer_iwslt_de_en --max-tokens 4096 --ranks 1,2,4,8   # GPUs
+    python -m benchmarks.ranks DATA_BIN --preset cpu-small --ranks 1,2 --repeats 3   # CPU, >= 2 cores
+    python -m benchmarks.ranks DATA_BIN --arch transformer_iwslt_de_en --max-tokens 4096 --ranks 1,2,4,8   # GPUs
 """
 import argparse
 import json
@@ -32,8 +32,7 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import cost  # noqa: E402  (build, training flags, presets)
+from benchmarks import common
 
 
 def distributed_flags(world: int, rank: int, init_method: str, cuda: bool):
@@ -50,16 +49,14 @@ def worker(rank, world, data, flags, threads, warmup, timed, init_method, out):
     torch.set_num_threads(threads)
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")  # N copies of fairseq's and hydra's deprecation warnings
-    sys.path.insert(0, cost.REPO)
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq.distributed import utils as distributed_utils
 
     import fairseq_reweight  # noqa: F401
     from fairseq_reweight.nmt import replay
-    from fairseq_reweight.nmt.driver import ReweightDriver
 
-    cuda = torch.cuda.is_available() and "--cpu" not in flags
+    cuda = common.uses_cuda(flags)
     flags = flags + distributed_flags(world, rank, init_method, cuda)
     if cuda:
         torch.cuda.set_device(rank)
@@ -67,22 +64,20 @@ def worker(rank, world, data, flags, threads, warmup, timed, init_method, out):
         args = options.parse_args_and_arch(options.get_training_parser(), [data] + flags)
         distributed_utils.distributed_init(convert_namespace_to_omegaconf(args))
     times = {"meta-update": [], "validation gradient": []}
-    ReweightDriver.meta_update = cost.timed(ReweightDriver.meta_update, "meta-update", times, cuda)
-    replay.Replay.validation_gradient = cost.timed(replay.Replay.validation_gradient, "validation gradient",
-                                                   times, cuda)
+    replay.Replay.validation_gradient = common.timed(replay.Replay.validation_gradient, "validation gradient",
+                                                     times, cuda)
     torch.manual_seed(1)  # the same initial parameters on every rank and at every rank count
-    trainer, task, cfg = cost.build(data, flags)
+    trainer, task, cfg = common.build(data, flags)
+    common.time_meta_updates(trainer, "meta-update", times, cuda)
     update_freq = cfg.optimization.update_freq[0]
     itr = trainer.get_train_iterator(epoch=1, load_dataset=False).next_epoch_itr(shuffle=True)
     elapsed = []
     for _ in range(warmup + timed):
         samples = [next(itr) for _ in range(update_freq)]
-        if cuda:
-            torch.cuda.synchronize()
+        common.synchronize(cuda)
         start = time.perf_counter()
         trainer.train_step(samples)
-        if cuda:
-            torch.cuda.synchronize()
+        common.synchronize(cuda)
         elapsed.append(time.perf_counter() - start)
     result = {"ms_per_update": 1000 * sum(elapsed[warmup:]) / timed, "updates": trainer.get_num_updates(),
               **{label: [1000 * t for t in values[1:]] for label, values in times.items()}}
@@ -104,8 +99,7 @@ def run(world, data, flags, threads, warmup, timed):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("data")
-    parser.add_argument("--preset", choices=["cpu-small"], help="small model and batches for the CPU")
+    common.add_model_arguments(parser)
     parser.add_argument("--ranks", default="1,2", help="rank counts to compare (default 1,2)")
     parser.add_argument("--interval", type=int, default=10, help="K (default 10)")
     parser.add_argument("--backprop-steps", type=int, default=5, help="B (default 5)")
@@ -113,13 +107,12 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     parser.add_argument("--repeats", type=int, default=1)
     args, model_flags = parser.parse_known_args()
-    if args.preset == "cpu-small":
-        model_flags = cost.CPU_SMALL + model_flags
+    model_flags = common.model_flags(args, model_flags)
     ranks = [int(n) for n in args.ranks.split(",")]
-    plain, ours = cost.training_flags(model_flags)
+    plain, ours = common.training_flags(model_flags)
     ours = ours + ["--reweight-interval", str(args.interval), "--reweight-backprop-steps", str(args.backprop_steps)]
     warmup, timed = args.interval + 1, args.periods * args.interval
-    cuda = torch.cuda.is_available() and "--cpu" not in model_flags
+    cuda = common.uses_cuda(model_flags)
     if cuda and max(ranks) > torch.cuda.device_count():
         parser.error(f"--ranks {args.ranks}: only {torch.cuda.device_count()} GPUs")
     if not cuda and max(ranks) * args.threads > os.cpu_count():
@@ -135,14 +128,12 @@ def main():
     for _ in range(args.repeats):
         for n, name, flags in configs:
             results[(n, name)].append(run(n, args.data, flags, args.threads, warmup, timed))
+    print_table(ranks, results, args.repeats)
 
-    def summary(values, digits=1):
-        middle = statistics.median(values)
-        if len(values) == 1:
-            return f"{middle:.{digits}f}"
-        return f"{middle:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
-    width = 10 if args.repeats == 1 else 22
+def print_table(ranks, results, repeats):
+    """Per rank count: the medians (ranges) over the repeats of rank 0's figures."""
+    width = 10 if repeats == 1 else 22
     print(f"\n{'ranks':>5} {'plain ms/update':>{width}} {'ours ms/update':>{width}} {'x plain':>{width}} "
           f"{'meta-update ms':>{width}} {'validation ms':>{width}}")
     for n in ranks:
@@ -150,11 +141,12 @@ def main():
         ratio = [o["ms_per_update"] / p["ms_per_update"] for o, p in zip(our_runs, plain_runs)]
         meta = [statistics.median(o["meta-update"]) for o in our_runs]
         valid = [statistics.median(o["validation gradient"]) for o in our_runs]
-        print(f"{n:>5} {summary([p['ms_per_update'] for p in plain_runs]):>{width}} "
-              f"{summary([o['ms_per_update'] for o in our_runs]):>{width}} "
-              f"{summary(ratio, 2):>{width}} {summary(meta):>{width}} {summary(valid):>{width}}")
-    if args.repeats > 1:
-        print(f"(medians over {args.repeats} repeats, ranges in brackets; meta-update and validation: "
+        print(f"{n:>5} {common.summary([p['ms_per_update'] for p in plain_runs], 1):>{width}} "
+              f"{common.summary([o['ms_per_update'] for o in our_runs], 1):>{width}} "
+              f"{common.summary(ratio, 2):>{width}} {common.summary(meta, 1):>{width}} "
+              f"{common.summary(valid, 1):>{width}}")
+    if repeats > 1:
+        print(f"(medians over {repeats} repeats, ranges in brackets; meta-update and validation: "
               "each repeat's median over its meta-updates, rank 0)")
 
 

@@ -22,112 +22,21 @@ Without raw references the scores fall back to the detokenized references fairse
 seeds (one seed: the score and its CI), each seed's p-values, and the share of the oracle's gain
 closed, ``(method - baseline) / (oracle - baseline)`` on sacreBLEU, where that gain is significant.
 ``results.csv`` accumulates runs across invocations (a run is a data condition, method and seed).
+
+The files read and written (references, fairseq's output, results.csv) are results_io.py's, the table
+results_table.py's; this module gives both too, as run_experiment.py and the tests use them.
 """
-import csv
 import importlib.util
 import logging
-import os
-import re
-import statistics
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-FIELDS = ["data", "method", "seed", "sacrebleu", "sacrebleu_ci95", "chrf", "chrf_ci95", "tokenized_bleu",
-          "sacrebleu_lc", "comet", "p_bleu", "p_chrf", "noise_auc", "sec_per_update", "bleu_signature",
-          "chrf_signature", "bleu_lc_signature", "references", "lowercased", "run_dir", "command"]
-BOOTSTRAP_SAMPLES = 1000
-SIGNIFICANCE = 0.05
-COMET_MODEL = os.environ.get("COMET_MODEL", "Unbabel/wmt22-comet-da")
-DETOKENIZED = "detokenized"  # the ``references`` field of runs scored without raw references
+from results_io import (BOOTSTRAP_SAMPLES, COMET_MODEL, DETOKENIZED, FIELDS, References, find_references,  # noqa: F401
+                        language_pair, merge_csv, read_generate, read_hypotheses, read_lines, read_settings,
+                        reference_lines, run_key, say, training_figures, write_csv)
+from results_table import SIGNIFICANCE, condition_table, oracle_significant, write_tables  # noqa: F401
 
 # sacrebleu logs a line per system and bootstrap at INFO: dozens per table, between the progress lines
 logging.getLogger("sacrebleu").setLevel(logging.WARNING)
-
-
-def say(message):
-    print(f"[results] {message}", file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- references
-
-
-def read_settings(path):
-    """The key=value lines of a data_prep prep.settings file ({} if there is none)."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    return dict(line.split("=", 1) for line in path.read_text(encoding="utf-8").splitlines() if "=" in line)
-
-
-@dataclass
-class References:
-    """Where a data condition's test references come from, and what the data_prep settings say."""
-    path: Optional[Path]  # the raw test references, or None: fairseq-generate's detokenized ones
-    tgt: str = "en"  # target language (Moses detokenizer)
-    src: str = "de"  # source language
-    lowercased: Optional[bool] = None  # the data was lowercased by data_prep (None: unknown)
-    source: Optional[Path] = None  # the raw test source (COMET), where there is one
-    looked_at: tuple = ()  # where the raw references were looked for
-
-    @property
-    def field(self):
-        """The ``references`` field of results.csv."""
-        return str(self.path) if self.path else DETOKENIZED
-
-    def describe(self):
-        if self.path:
-            return f"raw references {self.path}"
-        return ("no raw references (looked for " + ", ".join(map(str, self.looked_at)) + "): fairseq-generate's "
-                "tokenized-then-detokenized references" + (", lowercased" if self.lowercased else ""))
-
-
-def _languages(data_bin, settings):
-    """(source, target) language of a data-bin: prep.settings', else its test.SRC-TGT.LANG.idx names."""
-    for idx in sorted(Path(data_bin).glob("test.*-*.*.idx")):
-        src, tgt = idx.name.split(".")[1].split("-", 1)
-        return settings.get("src") or src, settings.get("tgt") or tgt
-    return settings.get("src") or "de", settings.get("tgt") or "en"
-
-
-def find_references(data_bin, override=None):
-    """The raw test references of a data-bin made by data_prep/: DATA_BIN/../raw/test.TGT, else, for a
-    noisy variant (prep.settings ``clean_dir=``), CLEAN_DIR/raw/test.TGT; ``override`` (a file) wins.
-    The languages and ``lowercase`` come from prep.settings (the clean directory's for a variant)."""
-    prep = Path(data_bin).resolve().parent
-    settings = read_settings(prep / "prep.settings")
-    dirs = [prep]
-    if settings.get("clean_dir"):
-        clean = Path(settings["clean_dir"])
-        dirs.append(clean)
-        settings = {**read_settings(clean / "prep.settings"), **settings}
-    src, tgt = _languages(data_bin, settings)
-    lowercased = {"1": True, "0": False}.get(settings.get("lowercase"))
-    candidates = [d / "raw" / f"test.{tgt}" for d in dirs]
-    path = Path(override) if override else next((c for c in candidates if c.is_file()), None)
-    source = None
-    if path and path.name == f"test.{tgt}" and path.with_name(f"test.{src}").is_file():
-        source = path.with_name(f"test.{src}")
-    return References(path, tgt, src, lowercased, source, () if override else tuple(candidates))
-
-
-def read_lines(path):
-    """The lines of a UTF-8 text file without their newlines (a last line without one counts)."""
-    text = Path(path).read_text(encoding="utf-8")
-    lines = text.split("\n")
-    return lines[:-1] if lines and lines[-1] == "" else lines
-
-
-def reference_lines(references, n):
-    """The raw references' lines, checked against the test set's ``n`` sentences (None: fall back)."""
-    if references.path is None:
-        return None
-    lines = read_lines(references.path)
-    if len(lines) != n:
-        raise ValueError(f"the raw references {references.path} have {len(lines)} lines but the test set has {n} "
-                         "sentences: pass the right file with --raw-references NAME=FILE")
-    return lines
 
 
 # ----------------------------------------------------------------------------- scores
@@ -213,73 +122,11 @@ def comet_score(sources, hyps, refs):
         return None
 
 
-def training_figures(log_file):
-    """(seconds per update, last logged noise_auc or None) from a fairseq-train log (simple format):
-    each epoch summary's updates over its ``ups`` (updates per second over the epoch's training,
-    meta-updates and the noise-AUC scoring included, validation and checkpointing not)."""
-    seconds, updates, auc = 0.0, 0, None
-    for line in Path(log_file).read_text(encoding="utf-8", errors="replace").splitlines():
-        found = re.search(r"noise_auc ([0-9.]+|nan)", line)
-        if found:
-            auc = None if found.group(1) == "nan" else float(found.group(1))
-        if "| train | epoch" in line:
-            total = int(re.search(r"num_updates ([0-9]+)", line).group(1))
-            seconds += (total - updates) / float(re.search(r"\bups ([0-9.]+)", line).group(1))
-            updates = total
-    return (seconds / updates if updates else float("nan")), auc
-
-
-def read_generate(generate_file):
-    """{"S": sources, "H": hypotheses, "T": references} of a ``fairseq-generate`` output, tokenized
-    as it prints them, in corpus order."""
-    lines = {"S": {}, "H": {}, "T": {}}
-    for line in Path(generate_file).read_text(encoding="utf-8").splitlines():
-        tag, _, rest = line.partition("-")
-        if tag in lines:
-            fields = rest.split("\t")
-            lines[tag][int(fields[0])] = fields[-1]
-    order = sorted(lines["T"])
-    return {tag: [found.get(i, "") for i in order] for tag, found in lines.items()}
-
-
-def read_hypotheses(generate_file):
-    """Tokenized hypotheses and references of a ``fairseq-generate`` output, in corpus order."""
-    lines = read_generate(generate_file)
-    return lines["H"], lines["T"]
-
-
 def read_sources(generate_file, references):
     """The test sources for COMET: the raw ones where data_prep kept them, else detokenized."""
     if references.source is not None:
         return read_lines(references.source)
     return detokenize(read_generate(generate_file)["S"], references.src)
-
-
-# ----------------------------------------------------------------------------- results.csv
-
-
-def _key(row):
-    return row["data"], row["method"], str(row["seed"])
-
-
-def merge_csv(path, rows):
-    """results.csv with ``rows`` added, replacing earlier rows of the same (data, method, seed)."""
-    kept = {}
-    if path.exists():
-        with open(path, newline="") as fh:
-            for row in csv.DictReader(fh):
-                kept[_key(row)] = {k: row.get(k) or "" for k in FIELDS}
-    for row in rows:
-        kept[_key(row)] = {k: "" if row.get(k) is None else str(row[k]) for k in FIELDS}
-    write_csv(path, kept.values())
-    return list(kept.values())
-
-
-def write_csv(path, rows):
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def paired_p_values(base_dir, run_dir, references=None):
@@ -309,7 +156,7 @@ def add_p_values(rows, references, fresh=()):
         b = base.get((row["data"], row["seed"]))
         if row["method"] == "baseline" or b is None or row["data"] not in references:
             continue
-        if row["p_bleu"] and row["p_chrf"] and _key(row) not in fresh and _key(b) not in fresh:
+        if row["p_bleu"] and row["p_chrf"] and run_key(row) not in fresh and run_key(b) not in fresh:
             continue
         if not ((Path(row["run_dir"]) / "test" / "generate-test.txt").exists()
                 and (Path(b["run_dir"]) / "test" / "generate-test.txt").exists()):
@@ -318,149 +165,3 @@ def add_p_values(rows, references, fresh=()):
         row["p_bleu"], row["p_chrf"] = f"{p_bleu:.4f}", f"{p_chrf:.4f}"
     return rows
 
-
-# ----------------------------------------------------------------------------- the table
-
-
-def _number(value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def _cell(rows, key, digits=2, ci=None):
-    """mean ± std over the rows' ``key`` (nan dropped); one row: its value, and (± its 95 % CI
-    half-width) where ``ci`` names that field."""
-    values = [v for v in (_number(r.get(key)) for r in rows) if v == v]
-    if not values:
-        return "–"
-    if len(values) == 1:
-        half = _number(rows[0].get(ci)) if ci and len(rows) == 1 else float("nan")
-        return f"{values[0]:.{digits}f}" + (f" (± {half:.{digits}f})" if half == half else "")
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def _by_seed(rows, key="sacrebleu"):
-    return {r["seed"]: _number(r.get(key)) for r in rows}
-
-
-def _mean_of_seeds(rows, seeds):
-    """Mean sacreBLEU of ``rows`` over ``seeds``, or None unless every seed is there."""
-    by_seed = _by_seed(rows)
-    return statistics.mean(by_seed[s] for s in seeds) if all(s in by_seed for s in seeds) else None
-
-
-def oracle_significant(oracle_rows, baseline_rows, seeds):
-    """(whether the oracle's sacreBLEU gain over the baseline is significant on every seed, the reason
-    where not)."""
-    oracle, base = {r["seed"]: r for r in oracle_rows}, _by_seed(baseline_rows)
-    for seed in seeds:
-        if seed not in oracle or seed not in base:
-            return False, f"no oracle or baseline run of seed {seed}"
-        p, gain = _number(oracle[seed].get("p_bleu")), _number(oracle[seed]["sacrebleu"]) - base[seed]
-        if p != p:
-            return False, f"no p-value for seed {seed}"
-        if not (p < SIGNIFICANCE and gain > 0):
-            return False, f"seed {seed}: oracle − baseline {gain:+.2f} sacreBLEU, p = {p:.3f}"
-    return True, ""
-
-
-def _has(rows, key):
-    return any(r.get(key) not in (None, "") for r in rows)
-
-
-def condition_table(rows, condition, methods, notes=None):
-    """Markdown lines of one data condition's table; the reasons for a '–' gap go to ``notes``."""
-    notes = [] if notes is None else notes
-    runs = {m: sorted((r for r in rows if r["data"] == condition and r["method"] == m), key=lambda r: int(r["seed"]))
-            for m in methods}
-    mine = [r for rs in runs.values() for r in rs]
-    extra = [(key, title) for key, title in (("sacrebleu_lc", "sacreBLEU (lc)"), ("comet", "COMET")) if _has(mine, key)]
-    header = (["method", "seeds", "sacreBLEU", "chrF", "BLEU (tok.)"] + [t for _, t in extra]
-              + ["Δ sacreBLEU", "p (BLEU)", "p (chrF)", "oracle gap closed", "noise AUC", "s/update"])
-    lines = [f"**{condition}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    gap_reasons = {}
-    for method, method_rows in runs.items():
-        if not method_rows:
-            continue
-        delta = gap = "–"
-        # against the baseline (and oracle) of the same seeds: a one-seed pilot is compared with its
-        # own seed's runs, not with a mean over seeds it did not run
-        seeds_run = [r["seed"] for r in method_rows]
-        mean = statistics.mean(_by_seed(method_rows).values())
-        baseline = _mean_of_seeds(runs.get("baseline", []), seeds_run)
-        if method != "baseline" and baseline is not None:
-            delta = f"{mean - baseline:+.2f}"
-            oracle = _mean_of_seeds(runs.get("oracle", []), seeds_run)
-            # (the pretrained student is not a fine-tune: no share of the fine-tune's gap)
-            if method not in ("oracle", "pretrained") and oracle is not None:  # (significant on every seed)
-                significant, why = oracle_significant(runs["oracle"], runs["baseline"], seeds_run)
-                if significant:
-                    gap = f"{(mean - baseline) / (oracle - baseline):.0%}"
-                else:
-                    gap_reasons.setdefault(why, []).append(method)
-        p = {key: " ".join(f"{_number(r[key]):.3f}" for r in method_rows if _number(r.get(key)) == _number(r.get(key)))
-             for key in ("p_bleu", "p_chrf")}
-        cells = ([method, ",".join(seeds_run), _cell(method_rows, "sacrebleu", ci="sacrebleu_ci95"),
-                  _cell(method_rows, "chrf", ci="chrf_ci95"), _cell(method_rows, "tokenized_bleu")]
-                 + [_cell(method_rows, key, 4 if key == "comet" else 2) for key, _ in extra]
-                 + [delta, p["p_bleu"] or "–", p["p_chrf"] or "–", gap, _cell(method_rows, "noise_auc", 3),
-                    _cell(method_rows, "sec_per_update", 3)])
-        lines.append("| " + " | ".join(cells) + " |")
-    for why, names in gap_reasons.items():
-        notes.append(f"{condition}: oracle gap closed not shown for {', '.join(names)}: the oracle's gain over the "
-                     f"baseline is not significant ({why}).")
-    return lines
-
-
-def _condition_notes(rows, condition):
-    """The legend's lines on a condition's references and case."""
-    mine = [r for r in rows if r["data"] == condition]
-    refs = sorted({r.get("references") or DETOKENIZED for r in mine})
-    notes = []
-    for ref in refs:
-        if ref == DETOKENIZED:
-            notes.append(f"{condition}: **not comparable with published sacreBLEU**: no raw test references were "
-                         "found, so sacreBLEU and chrF are scored against the references fairseq-generate prints "
-                         "(tokenized then Moses-detokenized, lowercased where the data was); keep data_prep's raw/ "
-                         "or pass --raw-references.")
-        else:
-            notes.append(f"{condition}: references {ref} (raw: untokenized, original case).")
-    if any(r.get("lowercased") == "1" and r.get("references", DETOKENIZED) != DETOKENIZED for r in mine):
-        notes.append(f"{condition}: the data was lowercased by data_prep (prep.settings lowercase=1), so the "
-                     "hypotheses are lowercase and the case-sensitive sacreBLEU and chrF count each capital of the "
-                     "references as an error; sacreBLEU (lc) is the case-insensitive score (sacrebleu -lc) of the "
-                     "same text, for case-insensitive published figures.")
-    return notes
-
-
-def write_tables(rows, out, conditions, methods, note):
-    """OUT/results.md from every run in results.csv; returns its text."""
-    lines, notes, gap_notes = [], [], []
-    for condition in conditions:
-        lines += condition_table(rows, condition, methods, gap_notes) + [""]
-        notes += _condition_notes(rows, condition)
-    notes += gap_notes
-    mine = [r for r in rows if r["data"] in conditions]
-    signatures = sorted({r[k] for r in mine for k in ("bleu_signature", "chrf_signature", "bleu_lc_signature")
-                         if r.get(k)})
-    lines += [note, "",
-              "sacreBLEU and chrF: sacrebleu's defaults (13a tokenizer, case-sensitive; chrF2) of the Moses-"
-              "detokenized hypotheses against the test references below. One seed: the score (± the half-width of "
-              f"its 95 % confidence interval: sacrebleu's bootstrap, {BOOTSTRAP_SAMPLES} resamples); several seeds: "
-              "mean ± std over seeds (each run's CI is in results.csv). BLEU (tok.): the tokenized text "
-              "fairseq-generate prints (tokenize none), the paper's multi-bleu-style number.",
-              "",
-              f"p (BLEU), p (chrF): sacrebleu's paired bootstrap ({BOOTSTRAP_SAMPLES} resamples) of each seed's run "
-              "against the baseline of the same seed, one per seed. Δ and the oracle gap closed, "
-              "(method − baseline) / (oracle − baseline), are on sacreBLEU over the same seeds; the gap is shown "
-              f"only where the oracle's gain over the baseline is significant (p < {SIGNIFICANCE}) on every seed, "
-              "else '–': a share of a gap that may be noise means nothing.", ""]
-    if _has(mine, "comet"):
-        notes.append(f"COMET: {COMET_MODEL} (unbabel-comet) of the detokenized hypotheses, with the raw sources "
-                     "and references.")
-    lines += [f"- {n}" for n in notes] + ["", "Signatures: " + "; ".join(signatures) + ". Commands: results.csv."]
-    text = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(text)
-    return text

@@ -47,203 +47,14 @@ call (e.g. ``--fp16``, or
 """
 import argparse
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import results  # noqa: E402  (examples/results.py)
-
-_TINY_MODEL = (
-    "--arch transformer --encoder-layers 2 --decoder-layers 2 --encoder-embed-dim 64 "
-    "--decoder-embed-dim 64 --encoder-ffn-embed-dim 128 --decoder-ffn-embed-dim 128 "
-    "--encoder-attention-heads 4 --decoder-attention-heads 4 --share-all-embeddings"
-)
-PRESETS = {
-    # what the README's demo runs on 2 CPU cores
-    "tiny-cpu": dict(
-        model=_TINY_MODEL + " --dropout 0.1",
-        max_tokens=2048, pretrain_updates=400, warmup=100, finetune_updates=150,
-        interval=20, backprop=2, teacher_lr=1e-3, beam=5, device="--cpu",
-    ),
-    # the smallest thing that exercises every step (tests)
-    "micro": dict(
-        model=_TINY_MODEL.replace("64", "16").replace("128", "32").replace("heads 4", "heads 2")
-        + " --encoder-layers 1 --decoder-layers 1 --dropout 0.1",
-        max_tokens=1024, pretrain_updates=20, warmup=5, finetune_updates=6,
-        interval=3, backprop=2, teacher_lr=1e-3, beam=2, device="--cpu",
-    ),
-    # the paper's IWSLT14 De->En setup (one GPU, 4096 tokens per update)
-    "iwslt14": dict(
-        model="--arch transformer_iwslt_de_en --share-decoder-input-output-embed --dropout 0.3",
-        max_tokens=4096, pretrain_updates=60000, warmup=4000, finetune_updates=5000,
-        interval=20, backprop=2, teacher_lr=1e-3, beam=5, device="",
-    ),
-}
-METHODS = {
-    "pretrained": "",  # the pretrained student as it is, no fine-tune (run_condition): what fine-tuning must beat
-    "baseline": "--reweight-teacher none",
-    "oracle": "--reweight-teacher oracle",
-    "surface": "--reweight-teacher surface",
-    "deep": "--reweight-teacher deep",
-    "robust": "--reweight-teacher deep --reweight-preset robust",
-    "l2t": "--reweight-teacher l2t",  # L2T-data (Fan et al., ICLR 2018): the paper's Table 7 baseline
-    # filters (filter_method): drop the worst-scored pairs, fine-tune with the fixed 0/1 pair weights
-    "filter-ce": "--reweight-teacher pairs",
-    "filter-dcce": "--reweight-teacher pairs",
-    "excess-loss": "--reweight-teacher pairs",
-}
-FILTERS = {"filter-ce": "ce", "filter-dcce": "dcce", "excess-loss": "excess"}  # method: its score (filter_scores)
-DEFAULT_FILTER_DROP = 0.2  # --filter-drop (its help says why)
-USER_DIR = Path(__file__).resolve().parent.parent / "fairseq_reweight"
-
-
-def log(message):
-    print(f"[experiment] {message}", flush=True)
-
-
-def _duration(seconds):
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-class Progress:
-    """The live progress lines: ``[i/N] RUN: STAGE (elapsed …, k runs left)``, a run being a pretraining
-    or a method's training of one condition and seed (its output directory's name). ``plan`` lists the
-    runs ahead; a run that is not in it is added when it starts."""
-
-    def __init__(self):
-        self.plan, self.started, self.start = [], [], time.time()
-
-    def announce(self, plan):
-        self.plan, self.started, self.start = list(plan), [], time.time()
-        log(f"{len(self.plan)} runs: " + ", ".join(name for name, _ in self.plan))
-        for i, (name, what) in enumerate(self.plan, 1):
-            log(f"  [{i}/{len(self.plan)}] {name} ({what})")
-
-    def stage(self, name, what):
-        if name not in [n for n, _ in self.plan]:
-            self.plan.append((name, "unplanned"))
-        if name not in self.started:
-            self.started.append(name)
-        left = len(self.plan) - len(self.started)
-        log(f"[{self.started.index(name) + 1}/{len(self.plan)}] {name}: {what} (elapsed "
-            f"{_duration(time.time() - self.start)}, {left} run{'' if left == 1 else 's'} left)")
-
-
-PROGRESS = Progress()
-
-
-def fairseq_bin(name):
-    """The fairseq program installed beside this Python (the project's virtual environment), or
-    the same program as ``python -m fairseq_cli.<name>`` where no script was installed."""
-    local = Path(sys.executable).parent / name
-    if local.exists():
-        return [str(local)]
-    return [sys.executable, "-m", "fairseq_cli." + name.split("-", 1)[1]]
-
-
-def run(cmd, log_file):
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    log("$ " + " ".join(shlex.quote(c) for c in cmd))
-    start = time.time()
-    with open(log_file, "w") as fh:
-        result = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        tail = Path(log_file).read_text().splitlines()[-15:]
-        sys.exit("\n".join(tail) + f"\n[experiment] error: command failed (exit {result.returncode}); full log: {log_file}")
-    log(f"  done in {time.time() - start:.0f}s (log: {log_file})")
-
-
-def adam_recipe(p):
-    """The pretraining's optimizer and schedule (the paper's: Adam, inverse_sqrt warm-up)."""
-    return ["--adam-betas", "(0.9,0.98)", "--lr", "5e-4", "--lr-scheduler", "inverse_sqrt",
-            "--warmup-updates", str(p["warmup"]), "--weight-decay", "0.0001",
-            "--max-tokens", str(p["max_tokens"]), "--max-update", str(p["pretrain_updates"])]
-
-
-def teacher_flags(data, p):
-    """The teacher's schedule, and the noise sidecar where the data has one (the noise AUC in the log,
-    which does not change training, and the oracle's labels)."""
-    flags = ["--reweight-interval", str(p["interval"]), "--reweight-backprop-steps", str(p["backprop"]),
-             "--teacher-lr", str(p["teacher_lr"])]
-    sidecar = Path(data) / "train.noise"
-    return flags + (["--reweight-noise-sidecar", str(sidecar)] if sidecar.exists() else [])
-
-
-def pretrain(data, out, preset, seed, train_args):
-    ckpt = out / "checkpoint_best.pt"
-    if ckpt.exists():
-        if out.name not in PROGRESS.started:  # (a shared pretraining is announced once)
-            PROGRESS.stage(out.name, "pretrained model found")
-        log(f"pretrained model found: {ckpt}")
-        return ckpt
-    PROGRESS.stage(out.name, "pretraining …")
-    p = preset
-    cmd = fairseq_bin("fairseq-train") + [str(data), "--task", "translation",
-           "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--optimizer", "adam"]
-    cmd += adam_recipe(p) + ["--seed", str(seed), "--save-dir", str(out), "--no-epoch-checkpoints",
-                             "--log-format", "simple", "--log-interval", "50"]
-    run(cmd + shlex.split(p["model"]) + shlex.split(p["device"]) + train_args, out.parent / "logs" / f"{out.name}.log")
-    return ckpt
-
-
-def reweighted_train(data, out, preset, optimizer_flags, flags, seed, train_args, what):
-    """One ``--task reweight_translation`` run (its checkpoint_last.pt and its fairseq-train command),
-    run unless the checkpoint exists; ``what`` names it in the log."""
-    ckpt = out / "checkpoint_last.pt"
-    p = preset
-    cmd = fairseq_bin("fairseq-train") + [str(data), "--user-dir", str(USER_DIR), "--task", "reweight_translation",
-           "--criterion", "reweighted_cross_entropy", "--label-smoothing", "0.1"] + optimizer_flags
-    cmd += teacher_flags(data, p) + ["--seed", str(seed), "--save-dir", str(out), "--no-epoch-checkpoints",
-                                     "--log-format", "simple", "--log-interval", "20"]
-    cmd += shlex.split(flags) + shlex.split(p["model"]) + shlex.split(p["device"]) + train_args
-    if ckpt.exists():
-        PROGRESS.stage(out.name, f"{what} model found")
-        log(f"{what} model found: {ckpt}")
-    else:
-        PROGRESS.stage(out.name, ("fine-tuning" if what == "fine-tuned" else "pretraining with the method") + " …")
-        run(cmd, out.parent / "logs" / f"{out.name}.log")
-    return ckpt, cmd
-
-
-def reweighted_pretrain(data, out, preset, flags, seed, train_args):
-    """``--reweight-phase pretrain``: Adam pretraining from scratch with the method's weights (every
-    method the same number of updates; the last checkpoint is scored)."""
-    optimizer = ["--optimizer", "reweight_adam", "--reweight-history", "checkpoint"] + adam_recipe(preset)
-    return reweighted_train(data, out, preset, optimizer, flags, seed, train_args, "pretrained")
-
-
-def finetune(data, pretrained, out, preset, flags, seed, train_args):
-    """The fine-tune (momentum SGD from the pretrained student)."""
-    optimizer = ["--optimizer", "reweight_sgd", "--lr", "1e-3", "--momentum", "0.9", "--lr-scheduler", "fixed",
-                 "--max-tokens", str(preset["max_tokens"]), "--max-update", str(preset["finetune_updates"]),
-                 "--restore-file", str(pretrained), "--reset-optimizer", "--reset-lr-scheduler",
-                 "--reset-meters", "--reset-dataloader"]
-    return reweighted_train(data, out, preset, optimizer, flags, seed, train_args, "fine-tuned")
-
-
-def remove_subword_flag(data):
-    """``--remove-bpe`` argument matching the data-bin's subword model (see data_prep/)."""
-    return "sentencepiece" if (Path(data).parent / "subword" / "spm.model").exists() else "subword_nmt"
-
-
-def translate(data, ckpt, out_dir, preset):
-    """Tokenized, lower-cased hypotheses and references of the test set, in corpus order."""
-    hyp_file = out_dir / "generate-test.txt"
-    if not hyp_file.exists():
-        PROGRESS.stage(out_dir.parent.name, "translating the test set …")
-        cmd = fairseq_bin("fairseq-generate") + [str(data), "--user-dir", str(USER_DIR),
-               "--task", "reweight_translation", "--path", str(ckpt), "--gen-subset", "test",
-               "--beam", str(preset["beam"]), "--max-tokens", str(preset["max_tokens"]),
-               "--required-batch-size-multiple", "1",  # else fairseq drops a ragged last batch
-               "--remove-bpe", remove_subword_flag(data), "--results-path", str(out_dir)]
-        cmd += shlex.split(preset["device"])
-        run(cmd, out_dir / "generate.log")
-    return results.read_hypotheses(hyp_file)
+import results  # examples/results.py (this script's directory is on sys.path)
+from experiment_filters import drop_fraction, drop_worst, filter_method  # noqa: F401  (drop_worst: the tests')
+from experiment_methods import DEFAULT_FILTER_DROP, FILTERS, METHODS, PRESETS, method_flags, planned_runs
+from experiment_steps import PROGRESS, duration, finetune, log, pretrain, reweighted_pretrain, translate
 
 
 def references(conditions, overrides):
@@ -283,180 +94,6 @@ def score(cond, data, run_dir, hyps, refs, args):
         + (f", sacreBLEU (lc) {scores['sacrebleu_lc']:.2f}" if "sacrebleu_lc" in scores else "")
         + (f", COMET {scores['comet']:.4f}" if "comet" in scores else ""))
     return scores
-
-
-def method_flags(args):
-    """{method: fine-tuning flags} of --methods and every --variant."""
-    flags = {m: METHODS[m] for m in args.methods}
-    for spec in args.variant:
-        name, sep, extra = spec.partition("=")
-        if not sep or not name or name in METHODS:
-            sys.exit(f"[experiment] error: --variant {spec!r}: expected NAME=\"FLAGS\" with a new NAME")
-        flags[name] = extra if "--reweight-teacher" in extra else METHODS["deep"] + " " + extra
-    return flags
-
-
-def planned_runs(conditions, args, flags):
-    """(run name, what it is) of every run run_condition will do, in its order (a shared pretraining
-    once); a run whose outputs exist is marked done (it is only rescored)."""
-    plan = []
-    for cond, data in conditions.items():
-        for seed in args.seeds:
-            if args.reweight_phase == "finetune":
-                pre = f"{cond}-pretrain-seed{args.pretrain_seed or seed}"
-                if pre not in [name for name, _ in plan]:
-                    done = (args.out / pre / "checkpoint_best.pt").exists()
-                    plan.append((pre, "pretraining" + (", done" if done else "")))
-            for method, method_args in flags.items():
-                if "oracle" in method_args.split() and not (Path(data) / "train.noise").exists():
-                    continue
-                if method == "pretrained":
-                    if args.reweight_phase == "finetune":
-                        name = f"{cond}-pretrained-seed{args.pretrain_seed or seed}"
-                        if name not in [n for n, _ in plan]:
-                            plan.append((name, "the pretrained student's translation"))
-                    continue
-                if method in FILTERS:  # its helper runs first, and its row's name (as filter_method makes them)
-                    if args.reweight_phase == "pretrain":
-                        continue
-                    pre_seed = args.pretrain_seed or seed
-                    helpers = [(f"{cond}-filter-scores-seed{pre_seed}", "filter scores of the training pairs")]
-                    if FILTERS[method] == "dcce":
-                        helpers.insert(0, (f"{cond}-pretrain-reverse-seed{pre_seed}", "reverse-model pretraining"))
-                    elif FILTERS[method] == "excess":
-                        helpers.insert(0, (f"{cond}-reference-seed{pre_seed}", "reference fine-tune on the trusted split"))
-                    plan += [h for h in helpers if h[0] not in [n for n, _ in plan]]
-                    if args.filter_drop_oracle_rate:
-                        if not (Path(data) / "train.noise").exists():
-                            continue
-                        method = f"{method}@true-rate"
-                    elif args.filter_drop != DEFAULT_FILTER_DROP:
-                        method = f"{method}@drop{args.filter_drop:g}"
-                name = f"{cond}-{method}-seed{seed}"
-                done = (args.out / name / "test" / "generate-test.txt").exists()
-                what = "pretraining with the method" if args.reweight_phase == "pretrain" else "fine-tune"
-                plan.append((name, f"{method} {what}" + (", done: rescored only" if done else "")))
-    return plan
-
-
-def language_pair(data):
-    """(source, target) languages of a data-bin's train split (``train.SRC-TGT.SRC.idx``)."""
-    for idx in sorted(Path(data).glob("train.*-*.*.idx")):
-        src, _, tgt = idx.name.split(".")[1].partition("-")
-        if idx.name == f"train.{src}-{tgt}.{src}.idx":
-            return src, tgt
-    sys.exit(f"[experiment] error: {data} has no binarized train split (train.SRC-TGT.SRC.idx)")
-
-
-def score_bin():
-    """``fairseq-reweight-score`` beside this Python, else ``python -m fairseq_reweight.cli.score_pairs``."""
-    local = Path(sys.executable).parent / "fairseq-reweight-score"
-    return [str(local)] if local.exists() else [sys.executable, "-m", "fairseq_reweight.cli.score_pairs"]
-
-
-def trusted_subset(args):
-    """The split the teacher meta-validates on (``--meta-valid-subset`` in --finetune-args, else the
-    task's default, ``valid``): the trusted data of the excess-loss reference."""
-    flags = shlex.split(args.finetune_args)
-    return flags[flags.index("--meta-valid-subset") + 1] if "--meta-valid-subset" in flags[:-1] else "valid"
-
-
-def filter_scores(kind, cond, data, pretrained, pre_seed, args, preset, train_args):
-    """The score file of a filter (one line per training pair, corpus order), computed once per condition
-    and pretrained student and kept under OUT/COND-filter-scores-seedS/:
-
-    - ``ce``: the pretrained student's per-token cross-entropy of each pair (lower = better);
-    - ``dcce``: the dual conditional cross-entropy (Junczys-Dowmunt 2018; lower = better) of the student
-      and a reverse (target->source) model pretrained with the same recipe and updates on the same noisy
-      corpus, OUT/COND-pretrain-reverse-seedS. Junczys-Dowmunt's two models were trained on clean data;
-      here the only trusted data is the small validation set, so both directions see the noisy corpus;
-    - ``excess``: H_student - H_reference (Wang et al. 2018; HIGHER = better), the reference being the
-      student fine-tuned on the trusted split the teacher meta-validates on (``valid``) with the
-      fine-tune's own optimizer and budget (momentum SGD, lr 1e-3, the preset's fine-tuning updates),
-      OUT/COND-reference-seedS. SGD rather than Adam: the reference then differs from the student only
-      by the data it saw, as every method's fine-tune does, and a small SGD move on a small trusted set
-      does not memorise it (fresh Adam moves every weight by about lr per step from the first update).
-    """
-    out = args.out / f"{cond}-filter-scores-seed{pre_seed}"
-    scores = out / f"{kind}.txt"
-    if scores.exists():
-        if out.name not in PROGRESS.started:
-            PROGRESS.stage(out.name, "filter scores found")
-        log(f"{kind} scores found: {scores}")
-        return scores
-    cmd = score_bin() + [str(data), "--path", str(pretrained), "--max-tokens", str(preset["max_tokens"])]
-    if "--cpu" in shlex.split(preset["device"]) + train_args:
-        cmd.append("--cpu")
-    if kind == "dcce":
-        src, tgt = language_pair(data)
-        reverse = pretrain(data, args.out / f"{cond}-pretrain-reverse-seed{pre_seed}", preset, pre_seed,
-                           train_args + shlex.split(args.pretrain_args) + ["--source-lang", tgt, "--target-lang", src])
-        cmd += ["--reverse-path", str(reverse)]
-    elif kind == "excess":
-        trusted = trusted_subset(args)
-        reference, _ = finetune(data, pretrained, args.out / f"{cond}-reference-seed{pre_seed}", preset,
-                                f"--reweight-teacher none --train-subset {shlex.quote(trusted)} --disable-validation",
-                                pre_seed, train_args + shlex.split(args.finetune_args))
-        cmd += ["--reference-path", str(reference)]
-    partial = out / f"{kind}.txt.partial"
-    out.mkdir(parents=True, exist_ok=True)
-    PROGRESS.stage(out.name, f"scoring the training pairs ({kind}) …")
-    run(cmd + ["--output", str(partial)], args.out / "logs" / f"{out.name}-{kind}.log")
-    partial.rename(scores)
-    return scores
-
-
-def drop_worst(scores, drop, higher_is_worse=True):
-    """0/1 weights that drop the round(drop * N) worst pairs (ties: the later pair first)."""
-    import numpy as np
-
-    badness = np.asarray(scores, dtype=np.float64) * (1.0 if higher_is_worse else -1.0)
-    weights = np.ones(len(badness), dtype=np.int64)
-    n_drop = int(round(drop * len(badness)))
-    if n_drop:
-        weights[np.argsort(badness, kind="stable")[len(badness) - n_drop:]] = 0
-    return weights
-
-
-def filter_method(method, cond, data, pretrained, pre_seed, args, preset, train_args):
-    """(row name, fine-tuning flags, the score's noise AUC or None) of a filter method: score the training
-    pairs, drop the worst X % (--filter-drop, or the true noise rate with --filter-drop-oracle-rate: rows
-    METHOD@true-rate), fine-tune with ``--reweight-teacher pairs`` on the 0/1 weights; (None, None, None)
-    where --filter-drop-oracle-rate has no sidecar to read. The sidecar is read only for that rate and
-    for the AUC, never for a score."""
-    import numpy as np
-
-    from fairseq_reweight.cli.score_pairs import noise_auc
-    from fairseq_reweight.core.metrics import read_noise_sidecar
-
-    kind = FILTERS[method]
-    scores_file = filter_scores(kind, cond, data, pretrained, pre_seed, args, preset, train_args)
-    scores = np.array([float(line) for line in scores_file.read_text().split()])
-    sidecar = Path(data) / "train.noise"
-    noisy = read_noise_sidecar(str(sidecar), len(scores)) if sidecar.exists() else None
-    if args.filter_drop_oracle_rate:
-        if noisy is None:
-            log(f"{cond}: no train.noise in {data}, so no {method}@true-rate")
-            return None, None, None
-        drop, name = float(noisy.mean()), f"{method}@true-rate"
-    else:
-        drop = args.filter_drop
-        name = method if drop == DEFAULT_FILTER_DROP else f"{method}@drop{drop:g}"
-    weights = scores_file.parent / f"{name}.weights"
-    if not weights.exists():
-        kept = drop_worst(scores, drop, higher_is_worse=kind != "excess")
-        weights.write_text("".join(f"{w}\n" for w in kept))
-        log(f"{name}: dropped {len(kept) - kept.sum()} of {len(kept)} pairs (X = {drop:.3f}): {weights}")
-    auc = round(noise_auc(scores, noisy, higher_is_worse=kind != "excess"), 4) if noisy is not None else None
-    return name, f"--reweight-teacher pairs --reweight-pair-weights {shlex.quote(str(weights))}", auc
-
-
-def drop_fraction(text):
-    """``--filter-drop``: a share in [0, 1)."""
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a share of the pairs in [0, 1), got {text}")
-    return value
 
 
 def run_condition(cond, data, args, preset, flags, train_args):
@@ -511,7 +148,8 @@ def pretrained_row(cond, data, pretrained, seed, args, preset):
                 run_dir=str(run_dir), command=f"(no fine-tune: {pretrained}; its command is in the pretraining log)")
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """(the parser, its arguments)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", action="append", required=True, metavar="NAME=DATA_BIN",
                         help="a data condition: its name and fairseq data-bin (repeatable)")
@@ -547,10 +185,11 @@ def main(argv=None):
                         help="where the methods act: the SGD fine-tune after plain Adam pretraining (the paper), or "
                         "Adam pretraining from scratch (--optimizer reweight_adam; no fine-tune)")
     args = parser.parse_args(argv)
-    preset = dict(PRESETS[args.preset])
-    for key in ("finetune_updates", "pretrain_updates"):
-        if getattr(args, key):
-            preset[key] = getattr(args, key)
+    return parser, args
+
+
+def data_conditions(parser, args):
+    """{name: data-bin} of the --data conditions, each checked for a binarized test split."""
     conditions = {}
     for spec in args.data:
         name, sep, path = spec.partition("=")
@@ -559,26 +198,22 @@ def main(argv=None):
         if not list(Path(path).glob("test.*.idx")):
             parser.error(f"--data {spec!r}: {path} has no binarized test split (test.*.idx)")
         conditions[name] = Path(path)
-    train_args = shlex.split(args.train_args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    flags = method_flags(args)
+    return conditions
+
+
+def reference_overrides(parser, args, conditions):
+    """{condition: file} of --raw-references."""
     overrides = {}
     for spec in args.raw_references:
         name, sep, path = spec.partition("=")
         if not sep or name not in conditions or not Path(path).is_file():
             parser.error(f"--raw-references {spec!r}: expected NAME=FILE with a --data NAME and an existing file")
         overrides[name] = Path(path)
-    args.references = references(conditions, overrides)
-    started = time.time()
-    PROGRESS.announce(planned_runs(conditions, args, flags))
-    rows = []
-    for cond, data in conditions.items():
-        rows += run_condition(cond, data, args, preset, flags, train_args)
-    log(f"all {len(PROGRESS.plan)} runs done in {_duration(time.time() - started)}; paired bootstrap against the "
-        "baselines …")
-    all_rows = results.merge_csv(args.out / "results.csv", rows)
-    results.add_p_values(all_rows, args.references, fresh=[(r["data"], r["method"], r["seed"]) for r in rows])
-    results.write_csv(args.out / "results.csv", all_rows)
+    return overrides
+
+
+def table_note(args, preset, rows):
+    """The line under the results table: test set, beam, seeds, pretraining and updates."""
     pretrained = (f"one pretrained student (seed {args.pretrain_seed}) per condition for all fine-tuning seeds"
                   if args.pretrain_seed else "one pretrained student per fine-tuning seed")
     note = (f"Test set, beam {preset['beam']}; mean ± std over seeds; {pretrained}; "
@@ -586,9 +221,34 @@ def main(argv=None):
     if args.reweight_phase == "pretrain":
         note = (f"Test set, beam {preset['beam']}; mean ± std over seeds; the methods act during Adam pretraining "
                 f"from scratch (reweight_adam), {preset['pretrain_updates']} updates each, last checkpoint; no fine-tune.")
-    if any(r["method"].endswith("@true-rate") for r in all_rows):
+    if any(r["method"].endswith("@true-rate") for r in rows):
         note += (" METHOD@true-rate: a filter that drops the true noise rate, read from train.noise (oracle-informed: "
                  "not available to a real user).")
+    return note
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    preset = dict(PRESETS[args.preset])
+    for key in ("finetune_updates", "pretrain_updates"):
+        if getattr(args, key):
+            preset[key] = getattr(args, key)
+    conditions = data_conditions(parser, args)
+    train_args = shlex.split(args.train_args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    flags = method_flags(args)
+    args.references = references(conditions, reference_overrides(parser, args, conditions))
+    started = time.time()
+    PROGRESS.announce(planned_runs(conditions, args, flags))
+    rows = []
+    for cond, data in conditions.items():
+        rows += run_condition(cond, data, args, preset, flags, train_args)
+    log(f"all {len(PROGRESS.plan)} runs done in {duration(time.time() - started)}; paired bootstrap against the "
+        "baselines …")
+    all_rows = results.merge_csv(args.out / "results.csv", rows)
+    results.add_p_values(all_rows, args.references, fresh=[(r["data"], r["method"], r["seed"]) for r in rows])
+    results.write_csv(args.out / "results.csv", all_rows)
+    note = table_note(args, preset, all_rows)
     methods = list(dict.fromkeys(list(METHODS) + list(flags) + [r["method"] for r in all_rows]))
     table = results.write_tables(all_rows, args.out, list(conditions), methods, note)
     print("\n" + table)

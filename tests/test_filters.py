@@ -184,7 +184,6 @@ def test_pair_weigher_and_its_file(tmp_path):
 
 # -- run_experiment.py's filter methods ------------------------------------------------------------
 def test_drop_worst():
-    sys.path.insert(0, os.path.join(REPO, "examples"))
     import run_experiment
 
     assert run_experiment.drop_worst([0.1, 5.0, 0.3, 5.0, 0.2], 0.4).tolist() == [1, 0, 1, 0, 1]

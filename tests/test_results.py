@@ -11,10 +11,8 @@ import sacrebleu
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
 
+import results  # examples/results.py (pytest.ini puts examples/ on sys.path)
 from conftest import REPO
-
-sys.path.insert(0, os.path.join(REPO, "examples"))
-import results  # noqa: E402
 
 # tokenized, lower-cased lines as fairseq-generate prints them (Moses escaping), and the raw references
 HYPS = ["the cat sat on the mat .", "it &apos;s a dog , not a cat .", "we went home early today .",

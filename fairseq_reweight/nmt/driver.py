@@ -6,6 +6,7 @@ the teacher with Adam. It is attached to the criterion because fairseq checkpoin
 state (never the task's); the teacher's parameters do not require grad, so the student optimizer
 (built from the model's and criterion's trainable parameters) never sees them.
 """
+import functools
 import math
 import time
 
@@ -24,6 +25,19 @@ from fairseq_reweight.nmt.fairseq_contract import inner_optimizer, unwrap_model
 from fairseq_reweight.nmt.recorder import StepRecorder
 from fairseq_reweight.nmt.replay import Fp32ReplayModel, check_skips, meta_gradient, replay_session
 from fairseq_reweight.nmt.weigher import TokenWeigher
+
+
+def _inside_hook(meta_update):
+    """``meta_update`` run inside ``driver.meta_update_hook(driver)``, a context manager, where an
+    instance has one (the benchmarks time and profile the whole call through it)."""
+    @functools.wraps(meta_update)
+    def wrapper(self, *args, **kwargs):
+        if self.meta_update_hook is None:
+            return meta_update(self, *args, **kwargs)
+        with self.meta_update_hook(self):
+            return meta_update(self, *args, **kwargs)
+
+    return wrapper
 
 
 class ReweightDriver(nn.Module):
@@ -179,6 +193,9 @@ class ReweightDriver(nn.Module):
             self.running_loss = updated_running_loss(self.running_loss, logging_output)
 
     # -- the meta-update -----------------------------------------------------------------------------
+    meta_update_hook = None  # or hook(driver) -> a context manager around each meta_update (benchmarks)
+
+    @_inside_hook
     def meta_update(self, model, criterion, update_num):
         """One teacher step from the validation loss at the current student parameters."""
         steps = self.recorder.window()
