@@ -11,6 +11,7 @@ import fairseq_reweight  # noqa: F401  (registers the components)
 from conftest import REPO, USER_DIR
 from fairseq_reweight.nmt.task import ReweightTranslationTask
 from fairseq_helpers import REWEIGHT, TINY_TRANSFORMER, inner_stats as _inner, run_generate, run_train
+from test_driver import check_teacher_steps, record_teacher_steps
 
 COMMON = TINY_TRANSFORMER + ["--lr", "0.05", "--momentum", "0.9", "--weight-decay", "0.0001",
                             "--label-smoothing", "0.1", "--clip-norm", "1.0", "--update-freq", "2",
@@ -80,13 +81,17 @@ def test_teacher_at_init_matches_uniform_loss(tiny_data_bin, tmp_path):
     assert first_deep == pytest.approx(first_base, rel=0, abs=1.5e-3)
 
 
-def test_bf16_trains_with_meta_updates(tiny_data_bin, tmp_path):
+def test_bf16_trains_with_meta_updates(tiny_data_bin, tmp_path, monkeypatch):
     """--bf16 (fairseq 0.12 would turn it into --tpu; see fairseq_contract.bf16_without_tpu): the
     student in bf16 with fp32 master weights, the replay and the teacher in fp32."""
+    steps = record_teacher_steps(monkeypatch)
     stats = _inner(run_train(tiny_data_bin, str(tmp_path), COMMON + REWEIGHT + [
         "--bf16", "--reweight-interval", "3", "--max-update", "7"]))
-    gnorms = [float(s["teacher_gnorm"]) for s in stats if "teacher_gnorm" in s]
-    assert len(stats) == 7 and gnorms and all(0 < g < float("inf") for g in gnorms)
+    assert len(stats) == 7
+    # the meta-updates before updates 3 and 6 stepped the fp32 teacher (Adam, the default --teacher-lr
+    # 1e-3) by the gradient whose norm is logged
+    check_teacher_steps(stats, steps, [3, 6], lr=1e-3)
+    assert all(p.dtype == torch.float32 for _, _, (params, _) in steps for p in params.values())
     state = torch.load(tmp_path / "checkpoint_last.pt")
     teacher = {k: v for k, v in state["criterion"].items() if ".teacher." in k}
     assert teacher and {v.dtype for v in teacher.values()} == {torch.float32}
@@ -114,16 +119,20 @@ def test_meta_valid_params_restricts_the_validation_gradient(tiny_data_bin, tmp_
     assert full[-1]["teacher_gnorm"] != part[-1]["teacher_gnorm"]
 
 
-def test_reweighted_run_checkpoint_generate_bleu(tiny_data_bin, tmp_path):
+def test_reweighted_run_checkpoint_generate_bleu(tiny_data_bin, tmp_path, monkeypatch):
     save = tmp_path / "ckpt"
+    steps = record_teacher_steps(monkeypatch)
     stats = run_train(tiny_data_bin, str(save), COMMON + REWEIGHT + [
         "--reweight-interval", "3", "--reweight-backprop-steps", "2", "--max-update", "9"])
     logged = {k for s in _inner(stats) for k in s}
     assert {"meta_val_loss", "teacher_gnorm", "meta_time", "w_mean", "w_std"} <= logged
     state = torch.load(save / "checkpoint_last.pt")  # safe loader (weights_only) with our allow-list
     teacher = {k: v for k, v in state["criterion"].items() if k.startswith("reweight.weigher.teacher.")}
-    assert teacher and any(v.abs().sum() > 0 for v in teacher.values()), "teacher never updated"
-    # meta-updates run at the start of updates 3 and 6 (K = 3; training stops at 9)
+    # meta-updates run at the start of updates 3 and 6 (K = 3; training stops at 9, before the one at 9),
+    # each an Adam step of the teacher (the default --teacher-lr 1e-3); the last one's teacher is saved
+    check_teacher_steps(_inner(stats), steps, [3, 6], lr=1e-3)
+    assert teacher.keys() == {f"reweight.weigher.teacher.{name}" for name in steps[-1][2][0]}
+    assert all(torch.equal(teacher[f"reweight.weigher.teacher.{name}"], p) for name, p in steps[-1][2][0].items())
     assert state["criterion"]["reweight._extra_state"]["num_meta_updates"] == 2
     out = run_generate(tiny_data_bin, str(save / "checkpoint_last.pt"),
                        ["--user-dir", USER_DIR, "--task", "reweight_translation"])
