@@ -9,6 +9,7 @@ import torch
 from conftest import REPO
 from fairseq_helpers import REWEIGHT, TINY_TRANSFORMER, inner_stats, run_train
 from fairseq_reweight.nmt.oracle import OracleWeigher
+from fairseq_reweight.nmt.task import ReweightTranslationTask
 
 N_TRAIN = 300  # conftest's tiny corpus
 COMMON = TINY_TRANSFORMER + REWEIGHT + ["--lr", "0.05", "--momentum", "0.9", "--label-smoothing", "0.1",
@@ -43,13 +44,28 @@ def test_oracle_without_noise_is_the_baseline_bit_for_bit(tiny_data_bin, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_oracle_drops_noisy_pairs_and_logs_what_a_teacher_logs(tiny_data_bin, tmp_path):
+def test_oracle_drops_noisy_pairs_and_logs_what_a_teacher_logs(tiny_data_bin, tmp_path, monkeypatch):
     noisy = set(range(0, N_TRAIN, 3))
+    batches, train_step = [], ReweightTranslationTask.train_step
+
+    def spy(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        # each micro-batch's update, sentences and their target tokens (no padding)
+        batches.append((update_num, sample["id"].tolist(), sample["target"].ne(1).sum(1).tolist()))
+        return train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    monkeypatch.setattr(ReweightTranslationTask, "train_step", spy)
     stats = inner_stats(run_train(tiny_data_bin, str(tmp_path / "o"), COMMON + [
         "--reweight-teacher", "oracle", "--reweight-noise-sidecar", _sidecar(tmp_path / "t.noise", noisy)]))
     last = stats[-1]
     assert (float(last["noise_auc"]), float(last["noise_w_noisy"]), float(last["noise_w_clean"])) == (1.0, 0.0, 1.0)
-    assert 0.5 < float(last["w_mean"]) < 0.8  # about two thirds of the tokens are clean
+    # w_mean: each update's fraction of clean target tokens (raw weight 1 clean, 0 noisy), to 4 decimals
+    tokens, clean = [0] * len(stats), [0] * len(stats)
+    for update, ids, lengths in batches:
+        tokens[update] += sum(lengths)
+        clean[update] += sum(n for i, n in zip(ids, lengths) if i not in noisy)
+    assert [float(s["wpb"]) for s in stats] == tokens  # the spy saw every micro-batch
+    assert [float(s["w_mean"]) for s in stats] == pytest.approx([c / t for c, t in zip(clean, tokens)],
+                                                                 rel=0, abs=5e-5 + 1e-12)
     base = inner_stats(run_train(tiny_data_bin, str(tmp_path / "b"), COMMON + ["--reweight-teacher", "none"]))
     assert stats[0]["loss"] != base[0]["loss"]
 
