@@ -12,13 +12,28 @@ TRAIN = TINY_TRANSFORMER + REWEIGHT + ["--lr", "0.05", "--momentum", "0.9", "--l
                                        "--max-update", "7", "--no-epoch-checkpoints"]
 
 
+# equal weights normalise to 1 each: 1 / N, then times N, each rounded (at most 2 float32 ulps of 1)
+ONE_ULP2 = dict(rtol=2.5e-7, atol=0)
+
+
 @pytest.mark.parametrize("n", [2, 4, 200, 10000])
 def test_all_zero_weights_give_zero_not_nan(n):
     assert torch.equal(normalize_weights(torch.zeros(1, n)), torch.zeros(1, n))
-    tiny = torch.full((1, n), 1e-45)  # a subnormal total: N / total overflows
-    assert torch.isfinite(normalize_weights(tiny)).all()
+    # the smallest normal total but one (a sum of equal weights: exact); N / total overflows for N > 8
+    small = torch.full((1, n), 2.0**-125 / n)
+    torch.testing.assert_close(normalize_weights(small), torch.ones(1, n), **ONE_ULP2)
     mask = torch.ones(1, n, dtype=torch.bool)
     assert torch.equal(normalize_weights(torch.full((1, n), 0.5), mask), torch.ones(1, n))  # uniform stays exact
+
+
+@pytest.mark.xfail(strict=True, reason="normalize_weights clamps a subnormal total to finfo.tiny before dividing "
+                                       "by it: equal weights then average N * 2**-23, not 1 (package bug)")
+@pytest.mark.parametrize("n", [2, 4, 200, 10000])
+def test_a_subnormal_total_still_averages_one(n):
+    """Equal weights whose total is subnormal (N / total overflows) normalise to 1 each, as any equal
+    weights do: the documented contract (mean one over the batch) has no exception for them."""
+    tiny = torch.full((1, n), 1e-45)  # the smallest subnormal: the total n * 2**-149, exact
+    torch.testing.assert_close(normalize_weights(tiny), torch.ones(1, n), **ONE_ULP2)
 
 
 def _nan_hypergradient(*args, **kwargs):
