@@ -9,12 +9,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from conftest import REPO
 from fairseq_helpers import REWEIGHT, TINY_TRANSFORMER, inner_stats, run_train
 from fairseq_reweight.core.errors import ReweightConfigError
 from fairseq_reweight.core.teacher import Teacher
-from fairseq_reweight.nmt import l2t
+from fairseq_reweight.nmt import l2t, noise_monitor
 from fairseq_reweight.nmt.task import ReweightTranslationConfig, check_options
 
 COMMON = TINY_TRANSFORMER + REWEIGHT + ["--lr", "0.05", "--momentum", "0.9", "--label-smoothing", "0.1",
@@ -148,17 +149,75 @@ def test_episodes_learn_log_and_resume_bit_for_bit(tiny_data_bin, tmp_path):
     # no progress feature here: it is update / --max-update, which the stopped run's smaller --max-update changes
     flags = COMMON + L2T + ["--reweight-noise-sidecar", str(sidecar), "--reweight-noise-auc-interval", "1",
                             "--teacher-features", "loss,best-valid,prediction,margin"]
-    full = inner_stats(run_train(tiny_data_bin, str(tmp_path / "full"), flags + ["--max-update", "9"]))
-    # episodes end before updates 2, 4, 6 and 8 (0-based): logged from the third update on
+    episodes, scored = [], []  # what each episode's end learned from; the noise monitor's sentence scores
+    learn, score_sentences = l2t.L2TDriver.learn, noise_monitor.score_sentences
+
+    def learning(self, features, actions, reward, stats=None):
+        episodes.append((features.clone(), actions.clone(), reward))
+        return learn(self, features, actions, reward, stats)
+
+    def scoring(*args, **kwargs):
+        scored.append(score_sentences(*args, **kwargs))
+        return scored[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(l2t.L2TDriver, "learn", learning)
+        patch.setattr(noise_monitor, "score_sentences", scoring)
+        full = inner_stats(run_train(tiny_data_bin, str(tmp_path / "full"), flags + ["--max-update", "9"]))
+    # episodes end before updates 2, 4, 6 and 8 (0-based): logged from the third update on, each line
+    # showing the latest episode's figures (to 4 decimals: half a unit, 5e-5)
     assert len(full) == 9 and "l2t_reward" not in full[1] and all("l2t_reward" in s for s in full[2:])
-    assert all(0.5 < float(s["l2t_keep_rate"]) < 1.0 for s in full[2:])
-    assert 0.0 <= float(full[-1]["noise_auc"]) <= 1.0 and "l2t_baseline" in full[-1]
+    shown = [(line - 2) // 2 for line in range(2, 9)]  # the episode (0-based) each line from the third shows
+    assert len(episodes) == 4
+    # an episode: the sentences of its 2 updates, one 0/1 action each; its keep rate their mean
+    for k, (_, actions, _) in enumerate(episodes):
+        assert len(actions) == sum(int(float(full[u]["bsz"])) for u in (2 * k, 2 * k + 1))
+        assert set(actions.tolist()) <= {0.0, 1.0}
+    assert [float(s["l2t_keep_rate"]) for s in full[2:]] == pytest.approx(
+        [episodes[k][1].mean().item() for k in shown], rel=0, abs=5e-5 + 1e-12)
+    assert [float(s["l2t_reward"]) for s in full[2:]] == pytest.approx(
+        [episodes[k][2] for k in shown], rel=0, abs=5e-5 + 1e-12)
+    # the policy is REINFORCE on those episodes: the first sets the baseline b, each later one an Adam step
+    # (--teacher-lr 0.05) along (R - b) grad log pi (reinforce_gradient, checked above against autograd of
+    # log pi), then b <- 0.9 b + 0.1 R; the same float32 kernels on the same tensors: bit for bit
+    reference = Teacher(episodes[0][0].shape[1], 0)
+    torch.nn.init.constant_(reference.bias, l2t.INITIAL_LOGIT)
+    reference.requires_grad_(False)
+    adam, baseline, baselines, gnorms = torch.optim.Adam(reference.parameters(), lr=0.05), None, [], {}
+    for k, (features, actions, reward) in enumerate(episodes):
+        if baseline is None:
+            baseline = reward
+        else:
+            grads = l2t.reinforce_gradient(reference, features, actions, reward - baseline)
+            for p, g in zip(reference.parameters(), grads):
+                p.grad = -g  # ascent on the expected reward
+            adam.step()
+            gnorms[k] = torch.cat([g.flatten() for g in grads]).double().norm().item()
+            baseline = 0.9 * baseline + 0.1 * reward
+        baselines.append(baseline)
+    assert [float(s["l2t_baseline"]) for s in full[2:]] == pytest.approx([baselines[k] for k in shown],
+                                                                        rel=0, abs=5e-5 + 1e-12)
+    # the gradient's norm from the first step on (the norm of float32 tensors: 1e-6 for its own round-off)
+    assert [k for s, k in zip(full[2:], shown) if "teacher_gnorm" in s] == [k for k in shown if k in gnorms]
+    assert [float(s["teacher_gnorm"]) for s in full[2:] if "teacher_gnorm" in s] == pytest.approx(
+        [gnorms[k] for k in shown if k in gnorms], rel=0, abs=5e-5 + 1e-6)
     model, policy, extra = _policy_state(tmp_path / "full")
-    assert extra["num_episodes"] == 4 and extra["baseline"] is not None
+    assert extra["num_episodes"] == 4 and extra["baseline"] == pytest.approx(baselines[-1], rel=1e-12, abs=0)
     assert [u for u, _, _ in extra["records"]] == [8, 8]  # the running episode: update 8's two micro-batches
-    assert policy["reweight.policy.feature_proj.weight"].abs().sum() > 0  # the policy moved
+    for name, value in reference.named_parameters():
+        assert torch.equal(policy[f"reweight.policy.{name}"], value), name
     assert policy["reweight.policy.bias"].item() != pytest.approx(l2t.INITIAL_LOGIT, abs=1e-6)
     assert extra["optimizer"]["state"][0]["step"] == 3  # the first episode only sets the baseline
+    # the noise AUC logged at each episode's end is sklearn's on the keep probabilities the monitor scored
+    # (all 300 sentences); the first, before any policy step, gives every token one probability, 0.9
+    noise = np.array([int(i in noisy) for i in range(300)]) == 1
+    figures = [[roc_auc_score(noise[s.ids], -s.mean_weight), s.mean_weight[noise[s.ids]].mean(),
+                s.mean_weight[~noise[s.ids]].mean()] for s in scored]
+    assert len(figures) == 4 and all(len(s.ids) == 300 for s in scored)
+    first = {float(p) for w in scored[0].weights for p in w}
+    assert len(first) == 1 and first.pop() == pytest.approx(0.9, rel=1e-7)
+    logged = [[float(s[key]) for key in ("noise_auc", "noise_w_noisy", "noise_w_clean")] for s in full[2:]]
+    assert logged == [pytest.approx(figures[k], rel=0, abs=5e-5 + 1e-12) for k in shown]
     # stopped mid-episode (after update 4 of the episode 4-5) and resumed: the same run
     run_train(tiny_data_bin, str(tmp_path / "cut"), flags + ["--max-update", "5"])
     assert [u for u, _, _ in _policy_state(tmp_path / "cut")[2]["records"]] == [4, 4]
