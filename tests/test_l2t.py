@@ -1,8 +1,8 @@
 """--reweight-teacher l2t: L2T-data (a keep/drop policy trained by REINFORCE), the paper's Table 7 baseline."""
 import copy
 import csv
-import math
 import os
+import re
 import subprocess
 import sys
 
@@ -277,5 +277,18 @@ def test_run_experiment_micro_l2t(tmp_path):
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["method"] for r in rows] == ["l2t"] and "--reweight-teacher l2t" in rows[0]["command"]
-    assert math.isfinite(float(rows[0]["sec_per_update"]))
-    assert "l2t_reward" in (out / "logs" / "noisy-l2t-seed1.log").read_text()
+    log = (out / "logs" / "noisy-l2t-seed1.log").read_text()
+    assert "l2t_reward" in log
+    # the fine-tune's training time per update, from its log: each epoch summary's new updates over its ups
+    seconds = updates = 0
+    for line in log.splitlines():
+        if "| train | epoch" in line:
+            total = int(re.search(r"\| num_updates (\d+)", line).group(1))
+            seconds += (total - updates) / float(re.search(r"\| ups ([0-9.]+)", line).group(1))
+            updates = total
+    assert updates == 6 and "--max-update 6" in rows[0]["command"]  # the micro preset
+    assert float(rows[0]["sec_per_update"]) == pytest.approx(seconds / updates, rel=0, abs=5e-5)
+    # the sidecar is passed, but the AUC is due every 10th episode (the default interval) and this run ends
+    # fewer: none logged, none made up
+    assert "--reweight-noise-sidecar" in rows[0]["command"] and rows[0]["noise_auc"] == ""
+    assert not re.search(r"\| noise_auc ", log)
