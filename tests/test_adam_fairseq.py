@@ -8,13 +8,12 @@ from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.optim.fp16_optimizer import FP16Optimizer
 
+from driver_checks import assert_equal, check_resume_is_bit_identical, run_fairseq_train
 from fairseq_helpers import REWEIGHT, TINY_TRANSFORMER, inner_stats, run_train
 from fairseq_reweight.nmt import fairseq_contract as contract
 from fairseq_reweight.nmt.optimizer import ReweightAdam
 from fairseq_reweight.nmt.recorder import find_recorder
 from fairseq_reweight.nmt.replay import StudentView
-from test_driver import _assert_equal, check_resume_is_bit_identical
-from test_fairseq_glue import _cli
 
 ADAM = ["--adam-betas", "(0.9, 0.98)", "--adam-eps", "1e-8", "--weight-decay", "0.01", "--lr", "0.005",
         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "3", "--warmup-init-lr", "1e-4"]
@@ -35,7 +34,7 @@ def test_without_a_teacher_it_is_fairseq_adam_bit_for_bit(tiny_data_bin, tmp_pat
     assert [s["loss"] for s in inner_stats(plain)] == [s["loss"] for s in inner_stats(ours)]
     a = torch.load(tmp_path / "plain" / "checkpoint_last.pt")
     b = torch.load(tmp_path / "ours" / "checkpoint_last.pt")
-    _assert_equal(a["model"], b["model"])
+    assert_equal(a["model"], b["model"])
     state_a, state_b = a["last_optimizer_state"]["state"], b["last_optimizer_state"]["state"]
     for key in state_a:
         for name in ("exp_avg", "exp_avg_sq"):
@@ -57,7 +56,7 @@ def test_the_teacher_learns_through_adam_steps_and_a_resumed_run_continues_exact
 ])
 def test_what_it_cannot_replay_is_refused_in_one_line(tiny_data_bin, tmp_path, extra, message):
     args = [tiny_data_bin] + OURS + TINY_TRANSFORMER + ["--lr", "0.001", "--max-update", "2", "--no-save"] + extra
-    result = _cli(args, cwd=tmp_path)
+    result = run_fairseq_train(args, cwd=tmp_path)
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr

@@ -1,17 +1,15 @@
 """The fairseq glue: registration, uniform == plain fairseq, train -> generate -> BLEU, bad input."""
 import collections
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import fairseq_reweight  # noqa: F401  (registers the components)
-from conftest import REPO, USER_DIR
+from conftest import USER_DIR
 from fairseq_reweight.nmt.task import ReweightTranslationTask
 from fairseq_helpers import REWEIGHT, TINY_TRANSFORMER, inner_stats as _inner, run_generate, run_train
-from test_driver import check_teacher_steps, record_teacher_steps
+from driver_checks import check_teacher_steps, record_teacher_steps, run_fairseq_train
 
 COMMON = TINY_TRANSFORMER + ["--lr", "0.05", "--momentum", "0.9", "--weight-decay", "0.0001",
                             "--label-smoothing", "0.1", "--clip-norm", "1.0", "--update-freq", "2",
@@ -238,12 +236,6 @@ def test_meta_valid_loss_is_the_criterion_the_plain_nll_or_its_sentence_mean(tin
     assert float(token_mean) == pytest.approx(sum(n * v for n, v in zip(sizes, per_sentence)) / sum(sizes), rel=1e-5)
 
 
-def _cli(args, cwd):
-    env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-m", "fairseq_cli.train"] + args, cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -265,7 +257,7 @@ def test_bad_input_gives_one_clear_line(tiny_data_bin, tmp_path, extra, message)
     optimizer = [] if "--optimizer" in extra else ["--optimizer", "reweight_sgd", "--momentum", "0.9", "--lr", "0.1"]
     task = REWEIGHT[: REWEIGHT.index("--optimizer")]
     args = [tiny_data_bin] + task + TINY_TRANSFORMER + optimizer + ["--max-update", "2", "--no-save"] + extra
-    result = _cli(args, cwd=tmp_path)
+    result = run_fairseq_train(args, cwd=tmp_path)
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -273,7 +265,7 @@ def test_bad_input_gives_one_clear_line(tiny_data_bin, tmp_path, extra, message)
 
 
 def test_missing_data_directory(tmp_path):
-    result = _cli([str(tmp_path / "nope")] + REWEIGHT + TINY_TRANSFORMER + ["--lr", "0.1"], cwd=tmp_path)
+    result = run_fairseq_train([str(tmp_path / "nope")] + REWEIGHT + TINY_TRANSFORMER + ["--lr", "0.1"], cwd=tmp_path)
     assert result.returncode != 0
     assert "fairseq-reweight: error: data directory" in result.stderr
     assert "Traceback" not in result.stderr

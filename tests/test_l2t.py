@@ -216,6 +216,7 @@ def test_episodes_learn_log_and_resume_bit_for_bit(tiny_data_bin, tmp_path):
     assert len(figures) == 4 and all(len(s.ids) == 300 for s in scored)
     first = {float(p) for w in scored[0].weights for p in w}
     assert len(first) == 1 and first.pop() == pytest.approx(0.9, rel=1e-7)
+    assert figures[0][0] == 0.5  # equal weights, averaged in float64: no tie broken by round-off
     logged = [[float(s[key]) for key in ("noise_auc", "noise_w_noisy", "noise_w_clean")] for s in full[2:]]
     assert logged == [pytest.approx(figures[k], rel=0, abs=5e-5 + 1e-12) for k in shown]
     # stopped mid-episode (after update 4 of the episode 4-5) and resumed: the same run

@@ -128,8 +128,9 @@ def normalize_weights(weights: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         count = weights.numel()
     total = weights.sum()
     scale = count / total
-    # where N / sum overflows (sum 0 or subnormal), divide first: w / sum <= 1 cannot overflow
-    fallback = weights / total.clamp_min(torch.finfo(weights.dtype).tiny) * count
+    # where N / sum overflows (sum 0 or subnormal), divide first: w / sum <= 1 cannot overflow; a
+    # zero sum means zero weights, divided by 1 (a clamped subnormal sum would shrink the weights)
+    fallback = weights / torch.where(total > 0, total, torch.ones_like(total)) * count
     return torch.where(torch.isfinite(scale), weights * scale, fallback)
 
 

@@ -52,17 +52,20 @@ class SentenceScores:
     def n_tokens(self) -> np.ndarray:
         return np.array([len(t) for t in self.tokens], dtype=np.int64)
 
+    # the means in float64: float32 round-off that depends on a sentence's length would break the
+    # ties of equal weights, and the noise AUC of a uniform teacher would not be 0.5
+
     @property
     def mean_weight(self) -> np.ndarray:
-        return np.array([w.mean() for w in self.weights], dtype=np.float64)
+        return np.array([w.mean(dtype=np.float64) for w in self.weights], dtype=np.float64)
 
     @property
     def mean_loss(self) -> np.ndarray:
-        return np.array([loss.mean() for loss in self.losses], dtype=np.float64)
+        return np.array([loss.mean(dtype=np.float64) for loss in self.losses], dtype=np.float64)
 
     @property
     def mean_nll(self) -> np.ndarray:
-        return np.array([loss.mean() for loss in self.nll], dtype=np.float64)
+        return np.array([loss.mean(dtype=np.float64) for loss in self.nll], dtype=np.float64)
 
 
 @contextlib.contextmanager
