@@ -51,6 +51,10 @@ def check_options(cfg: ReweightTranslationConfig) -> None:
     if cfg.memory_efficient_fp16:
         raise ReweightConfigError("--memory-efficient-fp16 keeps no fp32 master weights to replay steps from; use --fp16")
     features = parse_features(cfg.teacher_features, cfg.reweight_teacher)
+    if ("excess" in features) != bool(cfg.reweight_reference_losses):
+        raise ReweightConfigError("--teacher-features excess needs --reweight-reference-losses (a reference model's "
+                                  "cross-entropy of every training pair), and that file is read by the excess feature "
+                                  "only: give both or neither")
     if "progress" in features and cfg.max_update <= 0:
         raise ReweightConfigError("--teacher-features progress needs --max-update > 0")
     check_teacher_optimizer(cfg.optimizer_config, cfg.reweight_history, f"--reweight-teacher {cfg.reweight_teacher}")

@@ -130,6 +130,13 @@ class ReweightTranslationConfig(TranslationConfig):
                   "order (0 drops the pair; normalised like a teacher's weights); --reweight-noise-sidecar, "
                   "if given, is only measured against"},
     )
+    reweight_reference_losses: Optional[str] = field(
+        default=None,
+        metadata={"help": "with --teacher-features excess: one number per training pair, one a line in data-bin order: "
+                  "a reference model's per-token cross-entropy of the pair, the reference being trained on trusted "
+                  "data (e.g. the pretrained student fine-tuned on --meta-valid-subset; "
+                  "fairseq-reweight-score DATA --path REFERENCE --output FILE writes it)"},
+    )
     reset_teacher: bool = field(
         default=False,
         metadata={"help": "on --restore-file, do not load the checkpoint's teacher, its Adam state and counters: "

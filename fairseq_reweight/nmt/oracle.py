@@ -30,23 +30,41 @@ def read_pair_weights(path: str, num_sentences: int) -> np.ndarray:
     Raises:
         ReweightConfigError: missing file, a line that is not such a number, or the wrong line count.
     """
+    return _read_pair_values(path, num_sentences, "pair weights", lambda v: np.isfinite(v) and v >= 0,
+                             "a finite number >= 0 (e.g. 0 to drop the pair, 1 to keep it)")
+
+
+def read_pair_losses(path: str, num_sentences: int) -> np.ndarray:
+    """The losses of a ``--reweight-reference-losses`` file (float64): one number a line, as
+    ``fairseq-reweight-score`` writes them; ``inf`` (a pair too long for the reference to score, which
+    training skips too) becomes the largest finite loss of the file."""
+    losses = _read_pair_values(path, num_sentences, "reference losses", lambda v: not np.isnan(v) and v > -np.inf,
+                               "a cross-entropy in nats (inf for a pair the reference could not score)")
+    finite = np.isfinite(losses)
+    if not finite.any():
+        raise ReweightConfigError(f"reference losses {path}: no finite loss: the reference scored no pair")
+    losses[~finite] = losses[finite].max()
+    return losses
+
+
+def _read_pair_values(path: str, num_sentences: int, what: str, valid, expected: str) -> np.ndarray:
+    """One number a line, one line per training pair, each passing ``valid``; else a one-line error."""
     if not os.path.isfile(path):
-        raise ReweightConfigError(f"pair weights {path!r} not found: give a file with one weight per training pair")
-    weights = []
+        raise ReweightConfigError(f"{what} {path!r} not found: give a file with one line per training pair")
+    values = []
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, 1):
             try:
                 value = float(line.strip())
             except ValueError:
                 value = float("nan")
-            if not (np.isfinite(value) and value >= 0):
-                raise ReweightConfigError(f"pair weights {path}: line {line_number} is {line.strip()!r}, expected a "
-                                          "finite number >= 0 (e.g. 0 to drop the pair, 1 to keep it)")
-            weights.append(value)
-    if len(weights) != num_sentences:
-        raise ReweightConfigError(f"pair weights {path} has {len(weights)} lines but the split has {num_sentences} "
+            if not valid(value):
+                raise ReweightConfigError(f"{what} {path}: line {line_number} is {line.strip()!r}, expected {expected}")
+            values.append(value)
+    if len(values) != num_sentences:
+        raise ReweightConfigError(f"{what} {path} has {len(values)} lines but the split has {num_sentences} "
                                   "sentences: give one line per training pair, in data-bin order")
-    return np.asarray(weights, dtype=np.float64)
+    return np.asarray(values, dtype=np.float64)
 
 
 class PairWeigher(nn.Module):

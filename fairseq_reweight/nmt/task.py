@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import logging
 
+import torch
 from fairseq.logging import metrics
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationTask
@@ -88,6 +89,7 @@ class ReweightTranslationTask(TranslationTask):
             self.cfg.teacher_hidden_layers, self.cfg.teacher_hidden_dim, self.cfg.reweight_granularity,
             self.cfg.reweight_features_grad,
             eos=self.tgt_dict.eos() if self.cfg.reweight_eos == "sentence" else None,
+            reference_losses=self._reference_losses(),
         )
         monitor = None
         if self.cfg.reweight_noise_sidecar:
@@ -95,9 +97,20 @@ class ReweightTranslationTask(TranslationTask):
 
             monitor = NoiseAucMonitor(self.cfg, self)
         self.driver = ReweightDriver(self.cfg, weigher, self.meta_valid_batches, monitor)
-        criterion.attach(self.driver, self.driver.token_weights, reads_lprobs=bool(weigher.columns),
+        criterion.attach(self.driver, self.driver.token_weights, reads_lprobs=weigher.reads_lprobs,
                          loss_from_logits=True)
         return criterion
+
+    def _reference_losses(self):
+        """``--reweight-reference-losses`` as a float64 tensor, for the ``excess`` feature (else None)."""
+        if not self.cfg.reweight_reference_losses:
+            return None
+        from fairseq_reweight.nmt.oracle import read_pair_losses
+
+        if self.cfg.train_subset not in self.datasets:  # the file is checked against its size now
+            self.load_dataset(self.cfg.train_subset, combine=False, epoch=1)
+        losses = read_pair_losses(self.cfg.reweight_reference_losses, len(self.dataset(self.cfg.train_subset)))
+        return torch.from_numpy(losses)
 
     def _attach_oracle(self, criterion):
         from fairseq_reweight.nmt.oracle import OracleWeigher, pairs_weigher

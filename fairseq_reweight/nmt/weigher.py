@@ -1,9 +1,11 @@
 """The teacher and its NMT inputs: a weight for every target token of a batch.
 
 Inputs (``--teacher-features``): the student's states (encoder states mean-pooled over non-pad
-source tokens, the final decoder state at each target position), the target token (``label``) and
-the paper's surface features; how they are normalised is :mod:`fairseq_reweight.core.features`'
-rule. Everything the weights depend on is an argument: the training state (progress, running loss,
+source tokens, the final decoder state at each target position), the target token (``label``),
+the paper's surface features, and ``excess``: the pair's excess loss, the student's current per-token
+cross-entropy of the pair minus that of a reference model trained on trusted data (Wang et al. 2018,
+"Denoising Neural Machine Translation Training with Trusted Data and Online Data Selection"); how
+they are normalised is :mod:`fairseq_reweight.core.features`' rule. Everything the weights depend on is an argument: the training state (progress, running loss,
 best validation loss) and, inside a replay, the teacher parameters omega.
 """
 from typing import Dict, List, Optional
@@ -20,7 +22,12 @@ STATE_FEATURES = ("encoder", "decoder")
 # each NMT surface feature as columns of core.features.SURFACE_COLUMNS
 SURFACE_FEATURES = {"progress": ("progress",), "loss": ("example_loss", "mean_train_loss"),
                     "best-valid": ("best_valid",), "prediction": ("prediction",), "margin": ("margin",)}
-ALL_FEATURES = STATE_FEATURES + ("label",) + tuple(SURFACE_FEATURES)
+# A pair's excess loss, read from its id: H_student(y|x) - H_reference(y|x), per token. To first
+# order it is the pair's gradient times the step from the student towards the reference, which was
+# trained on the trusted data the teacher's objective is measured on: it is the one-step influence
+# of the pair on that objective, the signal the hypergradient rewards, at the level of a whole pair.
+PAIR_FEATURES = ("excess",)
+ALL_FEATURES = STATE_FEATURES + ("label",) + tuple(SURFACE_FEATURES) + PAIR_FEATURES
 DEFAULT_FEATURES = {"deep": "encoder,label", "surface": "progress,loss,best-valid,prediction,margin"}
 DEFAULT_FEATURES["l2t"] = DEFAULT_FEATURES["surface"]  # its policy's inputs, pooled per sentence (nmt/l2t.py)
 
@@ -56,23 +63,39 @@ class TokenWeigher(nn.Module):
         features_grad: let the weights depend on the student through its states.
         eos: the end-of-sentence index when ``</s>`` is to get the mean raw weight of its
             sentence's other tokens (``--reweight-eos sentence``); None: the teacher weighs it.
+        reference_losses: with the ``excess`` feature: the reference model's per-token cross-entropy
+            of every training pair, indexed by fairseq's ``sample["id"]``.
     """
 
     def __init__(self, features: List[str], pad: int, vocab_size: int, encoder_dim: int, decoder_dim: int,
                  hidden_layers: int = 0, hidden_dim: int = 64, granularity: str = "token", features_grad: bool = False,
-                 eos: Optional[int] = None):
+                 eos: Optional[int] = None, reference_losses: Optional[Tensor] = None):
         super().__init__()
         self.features, self.pad, self.eos = list(features), pad, eos
         self.granularity, self.features_grad = granularity, features_grad
         self.columns = [col for name in self.features for col in SURFACE_FEATURES.get(name, ())]
-        dense_dim = len(self.columns) + encoder_dim * ("encoder" in features) + decoder_dim * ("decoder" in features)
+        self.excess = "excess" in self.features
+        if self.excess and reference_losses is None:
+            raise ValueError("the excess feature needs the reference losses of the training pairs")
+        # data of the corpus, not of the teacher: moves with the module, stays out of checkpoints
+        self.register_buffer("reference_losses", reference_losses if self.excess else None, persistent=False)
+        dense_dim = (len(self.columns) + self.excess + encoder_dim * ("encoder" in features)
+                     + decoder_dim * ("decoder" in features))
         self.teacher = Teacher(dense_dim, vocab_size if "label" in features else 0, hidden_layers, hidden_dim)
         # trained by the driver's own Adam on hypergradients, never by the student's optimizer
         self.teacher.requires_grad_(False)
 
+    @property
+    def reads_lprobs(self) -> bool:
+        """Whether the weights depend on the student's log-probabilities."""
+        return bool(self.columns) or self.excess
+
     def _apply(self, fn, *args, **kwargs):
         # the trainer casts the criterion, and so this module, to fp16/bf16 with the student
+        reference = self.reference_losses
         super()._apply(fn, *args, **kwargs)
+        if reference is not None:  # float64 stays float64 (a loss difference), only the device follows
+            self.reference_losses = reference.to(self.reference_losses.device)
         for p in self.teacher.parameters():
             if p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
@@ -82,7 +105,7 @@ class TokenWeigher(nn.Module):
                 params: Optional[Dict[str, Tensor]] = None):
         target = sample["target"]  # B x T
         mask = target.ne(self.pad)
-        dense = self.dense_features(encoder_out, net_output, lprobs, target, state)
+        dense = self.dense_features(encoder_out, net_output, lprobs, target, state, sample.get("id"))
         labels = target if "label" in self.features else None
         if params is None:
             raw = self.teacher(dense, labels)  # B x T
@@ -100,9 +123,11 @@ class TokenWeigher(nn.Module):
             raw = torch.where(is_eos & has_words, _row_mean(raw, words).expand_as(raw), raw)
         return normalize_weights(raw, mask), raw * mask_f
 
-    def dense_features(self, encoder_out, net_output, lprobs, target, state: TrainingState) -> Optional[Tensor]:
+    def dense_features(self, encoder_out, net_output, lprobs, target, state: TrainingState,
+                       ids: Optional[Tensor] = None) -> Optional[Tensor]:
         """B x T x d teacher input (None for a label-only teacher); ``lprobs`` (B x T x V) may be None
-        when there are no surface features (``self.columns``)."""
+        when the weights do not read it (:attr:`reads_lprobs`); ``ids`` (B) are the pairs' indices in
+        the training split (``sample["id"]``), read by the ``excess`` feature."""
         bsz, tgt_len = target.shape
         states = []
         if "encoder" in self.features:
@@ -116,5 +141,18 @@ class TokenWeigher(nn.Module):
         scores = net_output[0] if lprobs is None else lprobs
         dtype = torch.promote_types(scores.dtype, torch.float32)  # fp16 -> fp32; a float64 check stays float64
         surface = surface_features(lprobs.to(dtype), target, state, self.columns) if self.columns else None
+        if self.excess:
+            excess = self.excess_loss(lprobs.to(dtype), target, ids).view(bsz, 1, 1).expand(bsz, tgt_len, 1)
+            surface = excess if surface is None else torch.cat([surface, excess], dim=-1)
         dense = teacher_inputs(states, surface, dtype)
         return dense if dense is None or self.features_grad else dense.detach()
+
+    @torch.no_grad()
+    def excess_loss(self, lprobs: Tensor, target: Tensor, ids: Tensor) -> Tensor:
+        """(B,) each pair's excess loss: the student's mean cross-entropy over the target's tokens
+        (its ``</s>`` included, as ``fairseq-reweight-score`` computes the reference's) minus the
+        reference's."""
+        keep = target.ne(self.pad).to(lprobs.dtype)
+        nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        student = (nll * keep).sum(1) / keep.sum(1).clamp_min(1)
+        return student - self.reference_losses[ids].to(lprobs.dtype)

@@ -1,0 +1,68 @@
+"""The ``excess`` teacher feature: a pair's student cross-entropy minus a trusted reference's."""
+import numpy as np
+import pytest
+import torch
+
+from fairseq_reweight.core.errors import ReweightConfigError
+from fairseq_reweight.core.features import TrainingState
+from fairseq_reweight.nmt.oracle import read_pair_losses
+from fairseq_reweight.nmt.weigher import TokenWeigher
+
+PAD = 1
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(4, 20, (3, 4), generator=g)
+    target[0, -2:] = PAD
+    lprobs = torch.randn(3, 4, 20, generator=g, dtype=torch.float64).log_softmax(-1)
+    return {"target": target, "id": torch.tensor([5, 0, 2])}, lprobs
+
+
+def test_excess_is_the_pairs_mean_token_nll_minus_the_reference_loss_on_every_token():
+    sample, lprobs = _batch()
+    reference = torch.arange(6, dtype=torch.float64) / 10
+    weigher = TokenWeigher(["excess"], PAD, 20, 6, 6, reference_losses=reference)
+    dense = weigher.dense_features(None, None, lprobs, sample["target"], TrainingState(), sample["id"])
+    target = sample["target"]
+    for row, pair in enumerate(sample["id"].tolist()):
+        tokens = target[row][target[row].ne(PAD)]
+        nll = -lprobs[row, : len(tokens)].gather(-1, tokens.unsqueeze(-1)).mean()
+        expected = float(nll) - pair / 10
+        assert dense[row, :, 0].tolist() == pytest.approx([expected] * 4, abs=1e-12)
+
+
+def test_excess_teacher_reads_log_probabilities_and_weights_pairs_by_their_excess():
+    sample, lprobs = _batch()
+    reference = torch.zeros(6, dtype=torch.float64)
+    reference[5] = 100.0  # pair 5 (row 0): the reference finds it far worse than the student does
+    weigher = TokenWeigher(["excess", "label"], PAD, 20, 6, 6, reference_losses=reference)
+    assert weigher.reads_lprobs
+    with torch.no_grad():
+        weigher.teacher.feature_proj.weight.fill_(1.0)  # weight rises with the excess loss
+    w, raw = weigher(sample, None, None, lprobs, TrainingState())
+    mask = sample["target"].ne(PAD)
+    assert raw[0][mask[0]].max() < 1e-6 < raw[1:][mask[1:]].min()  # sigmoid(nll - 100) on row 0
+    assert w[mask].mean().item() == pytest.approx(1.0)
+
+
+def test_reference_losses_stay_float64_and_out_of_the_state_dict():
+    reference = torch.rand(6, dtype=torch.float64)
+    weigher = TokenWeigher(["excess"], PAD, 20, 6, 6, reference_losses=reference).half()
+    assert weigher.reference_losses.dtype == torch.float64 and torch.equal(weigher.reference_losses, reference)
+    assert "reference_losses" not in weigher.state_dict()
+    with pytest.raises(ValueError, match="reference losses"):
+        TokenWeigher(["excess"], PAD, 20, 6, 6)
+
+
+def test_reference_loss_file_is_checked_and_an_unscored_pair_gets_the_worst_loss(tmp_path):
+    path = tmp_path / "ref.txt"
+    path.write_text("1.5\ninf\n0.25\n")
+    assert read_pair_losses(str(path), 3).tolist() == [1.5, 1.5, 0.25]
+    with pytest.raises(ReweightConfigError, match="has 3 lines but the split has 4"):
+        read_pair_losses(str(path), 4)
+    path.write_text("1.5\nnan\n0.25\n")
+    with pytest.raises(ReweightConfigError, match="line 2 is 'nan'"):
+        read_pair_losses(str(path), 3)
+    with pytest.raises(ReweightConfigError, match="not found"):
+        read_pair_losses(str(tmp_path / "missing"), 3)
