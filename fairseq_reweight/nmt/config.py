@@ -28,11 +28,13 @@ class ReweightTranslationConfig(TranslationConfig):
             "REINFORCE on the validation loss's decrease every --reweight-interval updates (nmt/l2t.py)"
         },
     )
-    reweight_preset: ChoiceEnum(["none", "robust"]) = field(
+    reweight_preset: ChoiceEnum(["none", "robust", "trusted"]) = field(
         default="none",
-        metadata={"help": "robust: the configuration measured best on masked noise (examples/iwslt14/README.md): "
-                  "--teacher-features label --teacher-lr 0.1; a preset fills in the options left at their "
-                  "defaults (none: the paper's configuration)"},
+        metadata={"help": "trusted: a linear teacher on the target token and the pair's excess loss against a reference "
+                  "trained on trusted data (--teacher-features label,excess --teacher-lr 0.1; needs "
+                  "--reweight-reference-losses): for crawled corpora whose noise is unknown; robust: the target token "
+                  "only (--teacher-features label --teacher-lr 0.1), for noise visible in the target's words; a preset "
+                  "fills in the options left at their defaults (none: the paper's configuration)"},
     )
     teacher_features: str = field(
         default="",
@@ -159,7 +161,10 @@ class ReweightTranslationConfig(TranslationConfig):
     optimizer_config: Any = II("optimizer")  # --optimizer and its options, checked at set-up
 
 
-PRESETS = {"robust": {"teacher_features": "label", "teacher_lr": 0.1}}
+PRESETS = {
+    "robust": {"teacher_features": "label", "teacher_lr": 0.1},
+    "trusted": {"teacher_features": "label,excess", "teacher_lr": 0.1},
+}
 
 
 def apply_preset(cfg) -> Optional[str]:
