@@ -1,7 +1,7 @@
 """Score every sentence pair of a split with translation models, for filtering a noisy corpus.
 
     fairseq-reweight-score DATA --path CKPT [--subset train] [--output FILE]
-        [--reverse-path CKPT | --reference-path CKPT] [--noise-sidecar FILE] [--max-tokens 4096] [--cpu]
+        [--reverse-path CKPT | --reference-path CKPT | --teacher] [--noise-sidecar FILE] [--max-tokens 4096] [--cpu]
 
 (also ``python -m fairseq_reweight.cli.score_pairs``). Writes one score per pair of the split, one a
 line in corpus (data-bin) order, like bicleaner's scores. Every model runs in eval mode (no dropout),
@@ -20,7 +20,11 @@ smoothing). The score is
   "Denoising Neural Machine Translation Training with Trusted Data and Online Data Selection",
   WMT18, whose noise score is ``(log p_trusted(y|x) - log p_noisy(y|x)) / |y|``, the same number.
   Its sign is the opposite of the other two: HIGHER = better (the trusted model likes the pair more
-  than the noisy one does); a noisy pair scores low.
+  than the noisy one does); a noisy pair scores low;
+- with ``--teacher`` (``--path`` a checkpoint trained with ``--task reweight_translation`` and a
+  teacher): the trained teacher's mean raw weight over the pair's target tokens, computed as
+  ``fairseq-reweight-inspect`` does (student in eval mode; the teacher's inputs as in training),
+  HIGHER = better: the teacher as a filter.
 
 ``--noise-sidecar`` (0/1 per pair, e.g. ``data-bin/train.noise``) only reports the ROC AUC of the
 scores as a noise detector (the worse side of the score => noisy); it never enters the score.
@@ -39,8 +43,10 @@ from fairseq import checkpoint_utils, utils
 
 import fairseq_reweight  # noqa: F401  (registers the components and the safe-loading allow-list)
 from fairseq_reweight.cli.common import check_checkpoint_and_data, run_command
+from fairseq_reweight.cli.inspect_teacher import load_teacher_checkpoint
 from fairseq_reweight.core.errors import ReweightConfigError
 from fairseq_reweight.core.metrics import read_noise_sidecar, roc_auc_low_weight_noisy
+from fairseq_reweight.nmt.noise_monitor import score_sentences
 
 
 def dual_conditional_cross_entropy(h_forward, h_reverse):
@@ -150,14 +156,34 @@ def check_pair(task, other_task, path: str, other_path: str, reverse: bool) -> N
         raise ReweightConfigError(f"dictionary mismatch between {path} and {other_path}")
 
 
+def teacher_scores(path: str, data: str, subset: str, use_cuda: bool, max_tokens: int,
+                   batch_size: Optional[int]) -> np.ndarray:
+    """The teacher's mean raw weight of every pair of ``subset`` (HIGHER = better), -inf where a pair
+    is longer than the student's maximum positions."""
+    loaded = load_teacher_checkpoint(path, data, use_cuda)
+    dataset = load_split(loaded.task, subset, data)
+    max_positions = utils.resolve_max_positions(loaded.task.max_positions(), loaded.model.max_positions())
+    start = time.time()
+    sentences = score_sentences(loaded.driver, loaded.model, loaded.criterion, dataset, np.arange(len(dataset)),
+                                max_positions, max_tokens=max_tokens, batch_size=batch_size)
+    scores = np.full(len(dataset), -np.inf)
+    scores[sentences.ids] = sentences.mean_weight
+    progress(f"--teacher: {len(sentences.ids)}/{len(dataset)} pairs scored in {time.time() - start:.0f}s"
+             + (f"; {sentences.skipped} longer than the model's max positions (score -inf)" if sentences.skipped
+                else ""))
+    return scores
+
+
 def score(args):
     """(scores in corpus order, higher_is_worse) of the command's options."""
-    if args.reverse_path and args.reference_path:
-        raise ReweightConfigError("give --reverse-path (dual conditional cross-entropy) or --reference-path "
-                                  "(excess loss), not both")
+    if sum(map(bool, (args.reverse_path, args.reference_path, args.teacher))) > 1:
+        raise ReweightConfigError("give one of --reverse-path (dual conditional cross-entropy), --reference-path "
+                                  "(excess loss) and --teacher (the teacher's weights), not several")
     if args.max_tokens < 1:
         raise ReweightConfigError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     use_cuda = torch.cuda.is_available() and not args.cpu
+    if args.teacher:
+        return teacher_scores(args.path, args.data, args.subset, use_cuda, args.max_tokens, args.batch_size), False
     task, model = load_model(args.path, args.data, use_cuda, "--path")
     dataset = load_split(task, args.subset, args.data)
     second_path = args.reverse_path or args.reference_path
@@ -186,7 +212,8 @@ def score(args):
 def run(args) -> dict:
     """Score, write the scores, report the noise AUC; returns the figures."""
     scores, higher_is_worse = score(args)
-    kind = "dcce" if args.reverse_path else "excess-loss" if args.reference_path else "ce"
+    kind = ("dcce" if args.reverse_path else "excess-loss" if args.reference_path else "teacher" if args.teacher
+            else "ce")
     lines = "".join(f"{value:.6f}\n" for value in scores)
     if args.output in (None, "-"):
         sys.stdout.write(lines)
@@ -210,7 +237,8 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="fairseq-reweight-score",
         description="One score per sentence pair of a split, in corpus order: cross-entropy, dual conditional "
-        "cross-entropy (--reverse-path) or excess loss over a trusted reference (--reference-path).",
+        "cross-entropy (--reverse-path), excess loss over a trusted reference (--reference-path) or a trained "
+        "teacher's weight (--teacher).",
     )
     parser.add_argument("data", help="fairseq data-bin directory")
     parser.add_argument("--path", required=True, help="source->target checkpoint (the student)")
@@ -221,6 +249,9 @@ def build_parser():
     parser.add_argument("--reference-path", default=None,
                         help="checkpoint trained on trusted data: output H_path - H_reference (Wang et al. 2018; "
                         "HIGHER = better, noisy pairs score low)")
+    parser.add_argument("--teacher", action="store_true",
+                        help="--path is a checkpoint of --task reweight_translation with a teacher: output the "
+                        "teacher's mean weight of each pair's target tokens (HIGHER = better)")
     parser.add_argument("--output", default="-", help="score file, one line per pair (default: stdout)")
     parser.add_argument("--noise-sidecar", default=None,
                         help="0/1 noise labels of the split: report the scores' noise AUC (never used for the score)")

@@ -1,0 +1,76 @@
+"""The ``trusted`` preset end to end: a teacher on the target token and the pair's excess loss over a
+reference's (``--reweight-reference-losses`` from ``fairseq-reweight-score``), and the trained teacher
+as a filter (``fairseq-reweight-score --teacher``)."""
+import numpy as np
+import pytest
+import torch
+
+from fairseq_helpers import REWEIGHT, TINY_TRANSFORMER, run_train
+from fairseq_reweight.cli import score_pairs
+from fairseq_reweight.cli.inspect_teacher import load_teacher_checkpoint
+from fairseq_reweight.core.errors import ReweightConfigError
+
+N_TRAIN = 300  # conftest's tiny corpus
+PLAIN = ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+         "--optimizer", "adam", "--lr", "0.005", "--max-update", "4", "--no-epoch-checkpoints"]
+FINETUNE = TINY_TRANSFORMER + REWEIGHT + ["--lr", "0.05", "--momentum", "0.9", "--label-smoothing", "0.1",
+                                          "--max-update", "6", "--no-epoch-checkpoints", "--reweight-interval", "2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data_bin, tmp_path_factory):
+    """A pretrained student, a reference (the student fine-tuned on the valid split), the reference's
+    losses of the training pairs, and the student fine-tuned with --reweight-preset trusted."""
+    root = tmp_path_factory.mktemp("trusted")
+    run_train(tiny_data_bin, str(root / "student"), TINY_TRANSFORMER + PLAIN)
+    student = str(root / "student" / "checkpoint_last.pt")
+    run_train(tiny_data_bin, str(root / "reference"), TINY_TRANSFORMER + PLAIN + [
+        "--restore-file", student, "--reset-optimizer", "--reset-dataloader", "--reset-meters",
+        "--train-subset", "valid", "--disable-validation", "--max-update", "8"])
+    losses = root / "reference.txt"
+    score_pairs.main([tiny_data_bin, "--path", str(root / "reference" / "checkpoint_last.pt"), "--output",
+                      str(losses), "--cpu", "--max-tokens", "300"])
+    stats = run_train(tiny_data_bin, str(root / "trusted"), FINETUNE + [
+        "--restore-file", student, "--reset-optimizer", "--reset-dataloader", "--reset-meters",
+        "--reweight-preset", "trusted", "--reweight-reference-losses", str(losses)])
+    return {"losses": losses, "checkpoint": str(root / "trusted" / "checkpoint_last.pt"), "stats": stats}
+
+
+def test_the_teacher_learns_from_the_excess_loss(trained):
+    state = torch.load(trained["checkpoint"], map_location="cpu", weights_only=False)
+    assert state["cfg"]["task"]["reweight_preset"] == "trusted"  # the preset is applied again when it is loaded
+    # a linear teacher with a label embedding and one dense input, the excess loss, whose coefficient moved
+    coefficient = state["criterion"]["reweight.weigher.teacher.feature_proj.weight"]
+    assert coefficient.shape == (1, 1) and coefficient.abs().item() > 0
+    assert any("teacher_gnorm" in s for s in trained["stats"])
+
+
+def test_teacher_scores_are_its_mean_weight_of_each_pair(tiny_data_bin, trained, tmp_path):
+    out = tmp_path / "teacher.txt"
+    figures = score_pairs.main([tiny_data_bin, "--path", trained["checkpoint"], "--teacher", "--output", str(out),
+                                "--cpu", "--max-tokens", "300"])
+    scores = np.array([float(x) for x in out.read_text().split()])
+    assert len(scores) == N_TRAIN and figures["kind"] == "teacher" and not figures["higher_is_worse"]
+    # recomputed pair by pair: the teacher's raw weights of the pair alone, student in eval mode
+    loaded = load_teacher_checkpoint(trained["checkpoint"], tiny_data_bin, use_cuda=False)
+    dataset = score_pairs.load_split(loaded.task, "train", tiny_data_bin)
+    reference = np.loadtxt(trained["losses"])
+    coefficient = float(loaded.driver.weigher.teacher.feature_proj.weight)
+    for i in (0, 7, 123, 299):
+        sample = dataset.collater([dataset[i]])
+        with torch.no_grad():
+            net_output = loaded.model(**sample["net_input"])
+            lprobs = loaded.model.get_normalized_probs(net_output, log_probs=True)
+            target = sample["target"][0]
+            nll = -lprobs[0].gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            excess = nll.mean().item() - reference[i]
+            teacher = loaded.driver.weigher.teacher
+            logits = teacher.label_embed(target).squeeze(-1) + teacher.bias + coefficient * excess
+        assert scores[i] == pytest.approx(torch.sigmoid(logits).mean().item(), abs=1e-5)
+
+
+def test_trusted_without_reference_losses_is_a_one_line_error(tiny_data_bin, tmp_path):
+    with pytest.raises(ReweightConfigError, match="--teacher-features excess needs --reweight-reference-losses"):
+        run_train(tiny_data_bin, str(tmp_path / "x"), FINETUNE + ["--reweight-preset", "trusted"])
+    with pytest.raises(ReweightConfigError, match="not several"):
+        score_pairs.main([tiny_data_bin, "--path", "x.pt", "--teacher", "--reference-path", "y.pt"])
