@@ -1,6 +1,8 @@
-"""The filter baselines of examples/run_experiment.py (``--methods filter-ce filter-dcce excess-loss``):
-score every training pair once per condition and pretrained student, drop the worst ``--filter-drop``
-share, and fine-tune the same student with ``--reweight-teacher pairs`` on the 0/1 pair weights."""
+"""The filter baselines of examples/run_experiment.py (``--methods filter-ce filter-dcce excess-loss
+teacher-filter``): score every training pair once per condition and pretrained student (the teacher's
+scores once per ``trusted`` fine-tune), drop the worst ``--filter-drop`` share, and fine-tune the same
+student with ``--reweight-teacher pairs`` on the 0/1 pair weights; and the trusted reference's losses
+that the ``trusted`` teacher reads."""
 import argparse
 import shlex
 import sys
@@ -47,9 +49,7 @@ def filter_scores(kind, cond, data, pretrained, pre_seed, args, preset, train_ar
             PROGRESS.stage(out.name, "filter scores found")
         log(f"{kind} scores found: {scores}")
         return scores
-    cmd = score_bin() + [str(data), "--path", str(pretrained), "--max-tokens", str(preset["max_tokens"])]
-    if "--cpu" in shlex.split(preset["device"]) + train_args:
-        cmd.append("--cpu")
+    cmd = _score_cmd(data, pretrained, preset, train_args)
     if kind == "dcce":
         pair = results.language_pair(data, "train")
         if pair is None:
@@ -59,15 +59,56 @@ def filter_scores(kind, cond, data, pretrained, pre_seed, args, preset, train_ar
                            train_args + shlex.split(args.pretrain_args) + ["--source-lang", tgt, "--target-lang", src])
         cmd += ["--reverse-path", str(reverse)]
     elif kind == "excess":
-        trusted = trusted_subset(args)
-        reference, _ = finetune(data, pretrained, args.out / f"{cond}-reference-seed{pre_seed}", preset,
-                                f"--reweight-teacher none --train-subset {shlex.quote(trusted)} --disable-validation",
-                                pre_seed, train_args + shlex.split(args.finetune_args))
+        reference = reference_model(cond, data, pretrained, pre_seed, args, preset, train_args)
         cmd += ["--reference-path", str(reference)]
-    partial = out / f"{kind}.txt.partial"
+    return _write_scores(cmd, scores, kind, args)
+
+
+def reference_model(cond, data, pretrained, pre_seed, args, preset, train_args):
+    """The trusted reference (``excess`` scores, ``trusted`` teacher): the pretrained student fine-tuned
+    on the split the teacher meta-validates on, OUT/COND-reference-seedS/checkpoint_last.pt."""
+    trusted = trusted_subset(args)
+    reference, _ = finetune(data, pretrained, args.out / f"{cond}-reference-seed{pre_seed}", preset,
+                            f"--reweight-teacher none --train-subset {shlex.quote(trusted)} --disable-validation",
+                            pre_seed, train_args + shlex.split(args.finetune_args))
+    return reference
+
+
+def reference_losses(cond, data, pretrained, pre_seed, args, preset, train_args):
+    """OUT/COND-filter-scores-seedS/reference.txt: the trusted reference's per-token cross-entropy of
+    every training pair, the ``--reweight-reference-losses`` of ``--reweight-preset trusted``."""
+    losses = args.out / f"{cond}-filter-scores-seed{pre_seed}" / "reference.txt"
+    if losses.exists():
+        log(f"reference losses found: {losses}")
+        return losses
+    reference = reference_model(cond, data, pretrained, pre_seed, args, preset, train_args)
+    return _write_scores(_score_cmd(data, reference, preset, train_args), losses, "reference", args)
+
+
+def teacher_scores(cond, data, trusted_run, args, preset, train_args):
+    """The trained teacher of a ``trusted`` fine-tune as a filter: its mean weight of every training
+    pair (``fairseq-reweight-score --teacher``; HIGHER = better), OUT/COND-filter-scores-seedS/teacher-RUN.txt
+    for that run's directory RUN."""
+    scores = args.out / f"{cond}-filter-scores-{trusted_run.name.rsplit('-', 1)[1]}" / f"teacher-{trusted_run.name}.txt"
+    if scores.exists():
+        log(f"teacher scores found: {scores}")
+        return scores
+    cmd = _score_cmd(data, trusted_run / "checkpoint_last.pt", preset, train_args) + ["--teacher"]
+    return _write_scores(cmd, scores, "teacher", args)
+
+
+def _score_cmd(data, checkpoint, preset, train_args):
+    cmd = score_bin() + [str(data), "--path", str(checkpoint), "--max-tokens", str(preset["max_tokens"])]
+    return cmd + (["--cpu"] if "--cpu" in shlex.split(preset["device"]) + train_args else [])
+
+
+def _write_scores(cmd, scores, kind, args):
+    """Run a scoring command into ``scores`` (through a .partial file: an interrupted run leaves none)."""
+    out = scores.parent
+    partial = scores.with_name(scores.name + ".partial")
     out.mkdir(parents=True, exist_ok=True)
     PROGRESS.stage(out.name, f"scoring the training pairs ({kind}) …")
-    run(cmd + ["--output", str(partial)], args.out / "logs" / f"{out.name}-{kind}.log")
+    run(cmd + ["--output", str(partial)], args.out / "logs" / f"{out.name}-{scores.stem}.log")
     partial.rename(scores)
     return scores
 
@@ -84,19 +125,23 @@ def drop_worst(scores, drop, higher_is_worse=True):
     return weights
 
 
-def filter_method(method, cond, data, pretrained, pre_seed, args, preset, train_args):
+def filter_method(method, cond, data, pretrained, pre_seed, args, preset, train_args, trusted_run=None):
     """(row name, fine-tuning flags, the score's noise AUC or None) of a filter method: score the training
     pairs, drop the worst X % (--filter-drop, or the true noise rate with --filter-drop-oracle-rate: rows
     METHOD@true-rate), fine-tune with ``--reweight-teacher pairs`` on the 0/1 weights; (None, None, None)
     where --filter-drop-oracle-rate has no sidecar to read. The sidecar is read only for that rate and
-    for the AUC, never for a score."""
+    for the AUC, never for a score. ``teacher-filter`` scores with the teacher of ``trusted_run``, the
+    same seed's ``trusted`` fine-tune."""
     import numpy as np
 
     from fairseq_reweight.cli.score_pairs import noise_auc
     from fairseq_reweight.core.metrics import read_noise_sidecar
 
     kind = FILTERS[method]
-    scores_file = filter_scores(kind, cond, data, pretrained, pre_seed, args, preset, train_args)
+    if kind == "teacher":
+        scores_file = teacher_scores(cond, data, trusted_run, args, preset, train_args)
+    else:
+        scores_file = filter_scores(kind, cond, data, pretrained, pre_seed, args, preset, train_args)
     scores = np.array([float(line) for line in scores_file.read_text().split()])
     sidecar = Path(data) / "train.noise"
     noisy = read_noise_sidecar(str(sidecar), len(scores)) if sidecar.exists() else None
@@ -108,12 +153,13 @@ def filter_method(method, cond, data, pretrained, pre_seed, args, preset, train_
     else:
         drop = args.filter_drop
         name = method if drop == DEFAULT_FILTER_DROP else f"{method}@drop{drop:g}"
-    weights = scores_file.parent / f"{name}.weights"
+    higher_is_worse = kind not in ("excess", "teacher")
+    weights = scores_file.parent / (f"{name}.weights" if kind != "teacher" else f"{name}-{trusted_run.name}.weights")
     if not weights.exists():
-        kept = drop_worst(scores, drop, higher_is_worse=kind != "excess")
+        kept = drop_worst(scores, drop, higher_is_worse=higher_is_worse)
         weights.write_text("".join(f"{w}\n" for w in kept))
         log(f"{name}: dropped {len(kept) - kept.sum()} of {len(kept)} pairs (X = {drop:.3f}): {weights}")
-    auc = round(noise_auc(scores, noisy, higher_is_worse=kind != "excess"), 4) if noisy is not None else None
+    auc = round(noise_auc(scores, noisy, higher_is_worse=higher_is_worse), 4) if noisy is not None else None
     return name, f"--reweight-teacher pairs --reweight-pair-weights {shlex.quote(str(weights))}", auc
 
 

@@ -36,14 +36,24 @@ METHODS = {
     "surface": "--reweight-teacher surface",
     "deep": "--reweight-teacher deep",
     "robust": "--reweight-teacher deep --reweight-preset robust",
+    # the label and the excess loss over the trusted reference (its losses: experiment_filters.reference_losses)
+    "trusted": "--reweight-teacher deep --reweight-preset trusted",
     "l2t": "--reweight-teacher l2t",  # L2T-data (Fan et al., ICLR 2018): the paper's Table 7 baseline
     # filters (filter_method): drop the worst-scored pairs, fine-tune with the fixed 0/1 pair weights
     "filter-ce": "--reweight-teacher pairs",
     "filter-dcce": "--reweight-teacher pairs",
     "excess-loss": "--reweight-teacher pairs",
+    "teacher-filter": "--reweight-teacher pairs",  # by the same seed's trusted teacher (run first)
 }
-FILTERS = {"filter-ce": "ce", "filter-dcce": "dcce", "excess-loss": "excess"}  # method: its score (filter_scores)
+# method: its score (experiment_filters.filter_scores, teacher_scores)
+FILTERS = {"filter-ce": "ce", "filter-dcce": "dcce", "excess-loss": "excess", "teacher-filter": "teacher"}
+TRUSTED = "--reweight-preset trusted"  # flags that read the reference losses, computed before the run
 DEFAULT_FILTER_DROP = 0.2  # --filter-drop (its help says why)
+
+
+def reads_reference_losses(method_args: str) -> bool:
+    """Whether a method's flags take the trusted reference's losses, run_experiment computing them."""
+    return TRUSTED in method_args and "--reweight-reference-losses" not in method_args
 
 
 def method_flags(args):
@@ -77,16 +87,23 @@ def planned_runs(conditions, args, flags):
                         if name not in [n for n, _ in plan]:
                             plan.append((name, "the pretrained student's translation"))
                     continue
-                if method in FILTERS:  # its helper runs first, and its row's name (as filter_method makes them)
-                    if args.reweight_phase == "pretrain":
-                        continue
-                    pre_seed = args.pretrain_seed or seed
-                    helpers = [(f"{cond}-filter-scores-seed{pre_seed}", "filter scores of the training pairs")]
+                if (method in FILTERS or reads_reference_losses(method_args)) and args.reweight_phase == "pretrain":
+                    continue
+                pre_seed = args.pretrain_seed or seed
+                helpers = []
+                if reads_reference_losses(method_args) or FILTERS.get(method) in ("excess", "teacher"):
+                    helpers.append((f"{cond}-reference-seed{pre_seed}", "reference fine-tune on the trusted split"))
+                if reads_reference_losses(method_args) or FILTERS.get(method) == "teacher":
+                    helpers.append((f"{cond}-filter-scores-seed{pre_seed}", "scores of the training pairs"))
+                if FILTERS.get(method) == "teacher":
+                    done = (args.out / f"{cond}-trusted-seed{seed}" / "checkpoint_last.pt").exists()
+                    helpers.append((f"{cond}-trusted-seed{seed}", "trusted fine-tune" + (", done" if done else "")))
+                if method in FILTERS:  # its helpers run first, and its row's name (as filter_method makes them)
                     if FILTERS[method] == "dcce":
-                        helpers.insert(0, (f"{cond}-pretrain-reverse-seed{pre_seed}", "reverse-model pretraining"))
-                    elif FILTERS[method] == "excess":
-                        helpers.insert(0, (f"{cond}-reference-seed{pre_seed}", "reference fine-tune on the trusted split"))
-                    plan += [h for h in helpers if h[0] not in [n for n, _ in plan]]
+                        helpers.append((f"{cond}-pretrain-reverse-seed{pre_seed}", "reverse-model pretraining"))
+                    helpers.append((f"{cond}-filter-scores-seed{pre_seed}", "scores of the training pairs"))
+                plan += [h for h in helpers if h[0] not in [n for n, _ in plan]]
+                if method in FILTERS:
                     if args.filter_drop_oracle_rate:
                         if not (Path(data) / "train.noise").exists():
                             continue

@@ -9,8 +9,11 @@ For each data condition (a fairseq data-bin made by data_prep/, e.g. ``clean`` a
      a fine-tune must beat), ``baseline`` (--reweight-teacher none),
      ``oracle`` (noisy pairs weighted 0 from the data-bin's train.noise: the bound of
      down-weighting the noise; skipped where there is no sidecar), ``surface``, ``deep`` (the paper's),
-     ``robust`` (``--reweight-preset robust``), ``l2t`` (L2T-data, the paper's Table 7 baseline) and every
-     ``--variant NAME="FLAGS"`` (the deep teacher with FLAGS, e.g. ``--teacher-hidden-layers 1``);
+     ``robust`` (``--reweight-preset robust``), ``trusted`` (``--reweight-preset trusted``: the label and
+     the pair's excess loss over a reference, the pretrained student fine-tuned on the validation split,
+     whose losses of the training pairs are computed first), ``l2t`` (L2T-data, the paper's Table 7
+     baseline) and every ``--variant NAME="FLAGS"`` (the deep teacher with FLAGS, e.g.
+     ``--teacher-hidden-layers 1``);
   3. translate the test set with ``fairseq-generate --beam 5`` and score it (examples/results.py):
      sacreBLEU and chrF (sacrebleu's defaults, with signatures and 95 % bootstrap CIs) of the
      detokenized hypotheses against the raw test references data_prep keeps in raw/ (or
@@ -24,15 +27,17 @@ With ``--reweight-phase pretrain`` the methods act during Adam pretraining from 
 same updates for every method; no fine-tune): the teacher where the noise does its harm. Use a
 separate ``--out`` per phase.
 
-Filter baselines (``--methods filter-ce filter-dcce excess-loss``; not in the default): score every
-training pair once per condition and pretrained student (``fairseq-reweight-score``; cached under
-OUT/COND-filter-scores-seedS/), drop the worst ``--filter-drop`` share (default 0.2), and fine-tune
-the same student for the same updates with ``--reweight-teacher pairs`` on the 0/1 pair weights.
+Filter baselines (``--methods filter-ce filter-dcce excess-loss teacher-filter``; not in the default):
+score every training pair once per condition and pretrained student (``fairseq-reweight-score``;
+cached under OUT/COND-filter-scores-seedS/), drop the worst ``--filter-drop`` share (default 0.2), and
+fine-tune the same student for the same updates with ``--reweight-teacher pairs`` on the 0/1 weights.
 ``filter-ce``: the student's cross-entropy; ``filter-dcce``: dual conditional cross-entropy with a
 reverse model pretrained like the student on the same noisy corpus; ``excess-loss``: student minus
 reference cross-entropy, the reference being the student fine-tuned on the validation split (the
-teacher's trusted data). None reads the noise sidecar for its scores; their rows' noise AUC is the
-AUC of the scores against it. Their s/update is the fine-tune's (scoring and extra models not counted).
+teacher's trusted data); ``teacher-filter``: the same seed's ``trusted`` teacher's mean weight of each
+pair (``fairseq-reweight-score --teacher``; the trusted fine-tune runs first if it has not). None
+reads the noise sidecar for its scores; their rows' noise AUC is the AUC of the scores against it.
+Their s/update is the fine-tune's (scoring and extra models not counted).
 
 Every step runs fairseq's own command-line programs (printed before they run, logged under
 OUT/logs/), and is skipped when its output already exists, so an interrupted run picks up where it
@@ -52,8 +57,9 @@ import time
 from pathlib import Path
 
 import results  # examples/results.py (this script's directory is on sys.path)
-from experiment_filters import drop_fraction, drop_worst, filter_method  # noqa: F401  (drop_worst: the tests')
-from experiment_methods import DEFAULT_FILTER_DROP, FILTERS, METHODS, PRESETS, method_flags, planned_runs
+from experiment_filters import drop_fraction, drop_worst, filter_method, reference_losses  # noqa: F401  (drop_worst: the tests')
+from experiment_methods import (DEFAULT_FILTER_DROP, FILTERS, METHODS, PRESETS, TRUSTED, method_flags, planned_runs,
+                                reads_reference_losses)
 from experiment_steps import PROGRESS, duration, finetune, log, pretrain, reweighted_pretrain, translate
 
 
@@ -112,12 +118,20 @@ def run_condition(cond, data, args, preset, flags, train_args):
                 if args.reweight_phase == "finetune":
                     rows.append(pretrained_row(cond, data, pre, seed, args, preset))
                 continue
+            if (method in FILTERS or reads_reference_losses(method_args)) and args.reweight_phase == "pretrain":
+                log(f"{cond}: {method} needs the pretrained student's scores: not with --reweight-phase pretrain")
+                continue
+            if reads_reference_losses(method_args):
+                method_args += " " + trusted_flags(cond, data, pre, pre_seed, args, preset, train_args)
             if method in FILTERS:
-                if args.reweight_phase == "pretrain":
-                    log(f"{cond}: {method} filters with the pretrained student's scores: not with --reweight-phase pretrain")
-                    continue
+                trusted_run = None
+                if FILTERS[method] == "teacher":  # the same seed's trusted fine-tune first (or found)
+                    trusted_run = args.out / f"{cond}-trusted-seed{seed}"
+                    finetune(data, pre, trusted_run, preset,
+                             METHODS["trusted"] + " " + trusted_flags(cond, data, pre, pre_seed, args, preset, train_args),
+                             seed, train_args + shlex.split(args.finetune_args))
                 method, method_args, filter_auc = filter_method(method, cond, data, pre, pre_seed, args, preset,
-                                                                train_args)
+                                                                train_args, trusted_run)
                 if method is None:
                     continue
                 filter_aucs[(method, seed)] = filter_auc
@@ -138,6 +152,13 @@ def run_condition(cond, data, args, preset, flags, train_args):
     return rows
 
 
+def trusted_flags(cond, data, pretrained, pre_seed, args, preset, train_args):
+    """``--reweight-reference-losses FILE`` for ``--reweight-preset trusted``: the losses of the
+    reference fine-tuned on the trusted split (computed once per condition and pretrained student)."""
+    losses = reference_losses(cond, data, pretrained, pre_seed, args, preset, train_args)
+    return f"--reweight-reference-losses {shlex.quote(str(losses))}"
+
+
 def pretrained_row(cond, data, pretrained, seed, args, preset):
     """The results.csv row of the pretrained student without fine-tuning (translated once per
     pretraining, a row per fine-tuning seed so that each seed's runs are compared with it)."""
@@ -155,7 +176,7 @@ def parse_args(argv=None):
                         help="a data condition: its name and fairseq data-bin (repeatable)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny-cpu")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=[m for m in METHODS if m not in FILTERS],
-                        help="default: all but the filters (filter-ce, filter-dcce, excess-loss: see the top)")
+                        help="default: all but the filters (filter-ce, filter-dcce, excess-loss, teacher-filter: see the top)")
     parser.add_argument("--filter-drop", type=drop_fraction, default=DEFAULT_FILTER_DROP, metavar="X",
                         help="share of the training pairs the filter methods drop, the worst-scored (default 0.2, "
                         "fixed before any result here: a crawled corpus's noise rate is unknown, so X is set above "

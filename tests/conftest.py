@@ -51,6 +51,25 @@ def tiny_data_bin(tmp_path_factory):
     return binarize(str(root / "text"), str(root / "bin"))
 
 
+@pytest.fixture(scope="session")
+def noisy_data_bin(tmp_path_factory):
+    """The tiny corpus with 30 % of the training pairs misaligned (another pair's target, the
+    commonest crawl noise), binarized, with its train.noise."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("noisy")
+    text = write_parallel_corpus(str(root / "text"))
+    targets = (root / "text" / "train.en").read_text().splitlines()
+    rng = np.random.RandomState(1)
+    noisy = rng.rand(len(targets)) < 0.3
+    shuffled = rng.permutation(len(targets))
+    (root / "text" / "train.en").write_text("".join(
+        (targets[shuffled[i]] if noisy[i] else line) + "\n" for i, line in enumerate(targets)))
+    data = binarize(text, str(root / "bin"))
+    (root / "bin" / "train.noise").write_text("".join(f"{int(v)}\n" for v in noisy))
+    return data
+
+
 @pytest.fixture(autouse=True)
 def _quiet_logging():
     logging.disable(logging.INFO)

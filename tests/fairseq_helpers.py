@@ -4,11 +4,14 @@ import contextlib
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 
 from fairseq import options
 from fairseq_cli import generate, train
 
-from conftest import USER_DIR
+from conftest import REPO, USER_DIR
 
 TINY_TRANSFORMER = [
     "--arch", "transformer",
@@ -79,3 +82,13 @@ def run_generate(data_dir, checkpoint, flags=()):
 def inner_stats(stats):
     """The per-update ``train_inner`` records of a json log (--log-interval 1)."""
     return [s for s in stats if "update" in s and "loss" in s and "train_loss" not in s and "valid_loss" not in s]
+
+
+def run_script(cmd):
+    """A repository script in a subprocess with this Python and the repository on its path; its stdout
+    (the test fails with the output's tail when it exits non-zero)."""
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=REPO,
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout

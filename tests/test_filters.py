@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from fairseq_helpers import REWEIGHT, TINY_TRANSFORMER, inner_stats, run_train
+from fairseq_helpers import REWEIGHT, TINY_TRANSFORMER, inner_stats, run_script, run_train
 from fairseq_reweight.cli import score_pairs
 from fairseq_reweight.core.errors import ReweightConfigError
 from fairseq_reweight.nmt.oracle import PairWeigher, read_pair_weights
@@ -191,38 +191,11 @@ def test_drop_worst():
     assert run_experiment.drop_worst([1.0, 1.0, 1.0], 0.0).tolist() == [1, 1, 1]
 
 
-def _run(cmd):
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=REPO,
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return result.stdout
-
-
-@pytest.fixture(scope="module")
-def noisy_data_bin(tmp_path_factory):
-    """conftest's tiny corpus with 30 % of the training pairs misaligned (another pair's target, the
-    commonest crawl noise), binarized, with its train.noise."""
-    from conftest import binarize, write_parallel_corpus
-
-    root = tmp_path_factory.mktemp("noisy")
-    text = write_parallel_corpus(str(root / "text"))
-    targets = (root / "text" / "train.en").read_text().splitlines()
-    rng = np.random.RandomState(1)
-    noisy = rng.rand(len(targets)) < 0.3
-    shuffled = rng.permutation(len(targets))
-    (root / "text" / "train.en").write_text("".join(
-        (targets[shuffled[i]] if noisy[i] else line) + "\n" for i, line in enumerate(targets)))
-    data = binarize(text, str(root / "bin"))
-    (root / "bin" / "train.noise").write_text("".join(f"{int(v)}\n" for v in noisy))
-    return data
-
-
 def test_filter_methods_end_to_end(noisy_data_bin, tmp_path):
     out = tmp_path / "experiment"
     cmd = [sys.executable, f"{REPO}/examples/run_experiment.py", "--preset", "micro", "--out", str(out),
            "--data", f"noisy={noisy_data_bin}", "--methods", "filter-ce", "filter-dcce", "excess-loss"]
-    stdout = _run(cmd)
+    stdout = run_script(cmd)
     assert "| filter-ce | 1 |" in stdout and "| excess-loss | 1 |" in stdout
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -246,7 +219,7 @@ def test_filter_methods_end_to_end(noisy_data_bin, tmp_path):
     reference_log = (out / "logs" / "noisy-reference-seed1.log").read_text()
     assert "'train_subset': 'valid'" in reference_log and "num_updates 6" in reference_log
     # a second run, with the true noise rate, reuses every score and model and labels its rows
-    again = _run(cmd[:-3] + ["filter-ce", "--filter-drop-oracle-rate"])
+    again = run_script(cmd[:-3] + ["filter-ce", "--filter-drop-oracle-rate"])
     assert "pretrained model found" in again and "ce scores found" in again
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))

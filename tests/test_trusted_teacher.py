@@ -1,11 +1,15 @@
 """The ``trusted`` preset end to end: a teacher on the target token and the pair's excess loss over a
 reference's (``--reweight-reference-losses`` from ``fairseq-reweight-score``), and the trained teacher
 as a filter (``fairseq-reweight-score --teacher``)."""
+import csv
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from fairseq_helpers import REWEIGHT, TINY_TRANSFORMER, run_train
+from conftest import REPO
+from fairseq_helpers import REWEIGHT, TINY_TRANSFORMER, run_script, run_train
 from fairseq_reweight.cli import score_pairs
 from fairseq_reweight.cli.inspect_teacher import load_teacher_checkpoint
 from fairseq_reweight.core.errors import ReweightConfigError
@@ -74,3 +78,27 @@ def test_trusted_without_reference_losses_is_a_one_line_error(tiny_data_bin, tmp
         run_train(tiny_data_bin, str(tmp_path / "x"), FINETUNE + ["--reweight-preset", "trusted"])
     with pytest.raises(ReweightConfigError, match="not several"):
         score_pairs.main([tiny_data_bin, "--path", "x.pt", "--teacher", "--reference-path", "y.pt"])
+
+
+def test_trusted_and_teacher_filter_methods_end_to_end(noisy_data_bin, tmp_path):
+    out = tmp_path / "experiment"
+    stdout = run_script([sys.executable, f"{REPO}/examples/run_experiment.py", "--preset", "micro", "--out", str(out),
+                         "--data", f"noisy={noisy_data_bin}", "--methods", "trusted", "teacher-filter"])
+    with open(out / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["method"] for r in rows] == ["trusted", "teacher-filter"]
+    scores_dir = out / "noisy-filter-scores-seed1"
+    # the reference losses are the reference's cross-entropy of every training pair, as the score command gives
+    direct = tmp_path / "direct.txt"
+    score_pairs.main([noisy_data_bin, "--path", str(out / "noisy-reference-seed1" / "checkpoint_last.pt"), "--output",
+                      str(direct), "--cpu", "--max-tokens", "1024"])
+    assert (scores_dir / "reference.txt").read_text() == direct.read_text()
+    assert f"--reweight-preset trusted --reweight-reference-losses {scores_dir / 'reference.txt'}" in rows[0]["command"]
+    # teacher-filter: the trusted run's teacher (trained once, reused) scores the pairs; the worst 20 % dropped
+    assert stdout.count("noisy-trusted-seed1: fine-tuning") == 1
+    teacher = np.loadtxt(scores_dir / "teacher-noisy-trusted-seed1.txt")
+    weights = np.loadtxt(scores_dir / "teacher-filter-noisy-trusted-seed1.weights")
+    noisy = np.loadtxt(f"{noisy_data_bin}/train.noise")
+    assert len(teacher) == len(weights) == len(noisy) and weights.sum() == len(noisy) - round(0.2 * len(noisy))
+    assert teacher[weights == 0].max() <= teacher[weights == 1].min()
+    assert float(rows[1]["noise_auc"]) == pytest.approx(score_pairs.noise_auc(teacher, noisy, False), abs=1e-4)
