@@ -80,7 +80,7 @@ def test_trusted_without_reference_losses_is_a_one_line_error(tiny_data_bin, tmp
         score_pairs.main([tiny_data_bin, "--path", "x.pt", "--teacher", "--reference-path", "y.pt"])
 
 
-def test_trusted_and_teacher_filter_methods_end_to_end(noisy_data_bin, tmp_path):
+def test_trusted_and_teacher_filter_methods_end_to_end(noisy_data_bin, tmp_path, capsys):
     out = tmp_path / "experiment"
     stdout = run_script([sys.executable, f"{REPO}/examples/run_experiment.py", "--preset", "micro", "--out", str(out),
                          "--data", f"noisy={noisy_data_bin}", "--methods", "trusted", "teacher-filter"])
@@ -102,3 +102,13 @@ def test_trusted_and_teacher_filter_methods_end_to_end(noisy_data_bin, tmp_path)
     assert len(teacher) == len(weights) == len(noisy) and weights.sum() == len(noisy) - round(0.2 * len(noisy))
     assert teacher[weights == 0].max() <= teacher[weights == 1].min()
     assert float(rows[1]["noise_auc"]) == pytest.approx(score_pairs.noise_auc(teacher, noisy, False), abs=1e-4)
+    # compare_methods: trusted against teacher-filter, the Δ of their sacreBLEU and the p of the paired test
+    import compare_methods
+    import results
+
+    compare_methods.main(["--out", str(out), "--data", f"noisy={noisy_data_bin}", "--method", "trusted"])
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| noisy | teacher-filter |")]
+    p_bleu, p_chrf = results.paired_p_values(rows[1]["run_dir"], rows[0]["run_dir"], results.find_references(noisy_data_bin))
+    delta = float(rows[0]["sacrebleu"]) - float(rows[1]["sacrebleu"])
+    assert line == [f"| noisy | teacher-filter | 1 | {delta:+.2f} | {delta:+.2f} | {p_bleu:.3f} | {p_chrf:.3f} | "
+                    f"{int(delta > 0 and p_bleu < 0.05)} / {int(delta < 0 and p_bleu < 0.05)} of 1 |"]
