@@ -23,6 +23,10 @@ TINY_TRANSFORMER = [
     "--num-workers", "0",
 ]
 
+# a plain fairseq student (pretraining, or a model to score pairs with): Adam, a few updates
+PLAIN_PRETRAIN = ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+                  "--optimizer", "adam", "--lr", "0.005", "--max-update", "4", "--no-epoch-checkpoints"]
+
 REWEIGHT = [
     "--user-dir", USER_DIR, "--task", "reweight_translation",
     "--criterion", "reweighted_cross_entropy", "--optimizer", "reweight_sgd",

@@ -1,5 +1,4 @@
 """The ``excess`` teacher feature: a pair's student cross-entropy minus a trusted reference's."""
-import numpy as np
 import pytest
 import torch
 
@@ -55,14 +54,21 @@ def test_reference_losses_stay_float64_and_out_of_the_state_dict():
         TokenWeigher(["excess"], PAD, 20, 6, 6)
 
 
-def test_reference_loss_file_is_checked_and_an_unscored_pair_gets_the_worst_loss(tmp_path):
+def test_an_unscored_pair_gets_the_worst_reference_loss(tmp_path):
     path = tmp_path / "ref.txt"
     path.write_text("1.5\ninf\n0.25\n")
     assert read_pair_losses(str(path), 3).tolist() == [1.5, 1.5, 0.25]
-    with pytest.raises(ReweightConfigError, match="has 3 lines but the split has 4"):
-        read_pair_losses(str(path), 4)
-    path.write_text("1.5\nnan\n0.25\n")
-    with pytest.raises(ReweightConfigError, match="line 2 is 'nan'"):
-        read_pair_losses(str(path), 3)
-    with pytest.raises(ReweightConfigError, match="not found"):
-        read_pair_losses(str(tmp_path / "missing"), 3)
+
+
+@pytest.mark.parametrize("text, size, error", [
+    ("1.5\ninf\n0.25\n", 4, "has 3 lines but the split has 4"),
+    ("1.5\nnan\n0.25\n", 3, "line 2 is 'nan'"),
+    ("inf\ninf\n", 2, "no finite loss"),
+    (None, 3, "not found"),
+])
+def test_reference_loss_file_errors_are_one_line(tmp_path, text, size, error):
+    path = tmp_path / "ref.txt"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ReweightConfigError, match=error):
+        read_pair_losses(str(path), size)

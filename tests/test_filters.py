@@ -12,14 +12,12 @@ import pytest
 import torch
 
 from conftest import REPO
-from fairseq_helpers import REWEIGHT, TINY_TRANSFORMER, inner_stats, run_script, run_train
+from fairseq_helpers import PLAIN_PRETRAIN, REWEIGHT, TINY_TRANSFORMER, inner_stats, run_script, run_train
 from fairseq_reweight.cli import score_pairs
 from fairseq_reweight.core.errors import ReweightConfigError
 from fairseq_reweight.nmt.oracle import PairWeigher, read_pair_weights
 
 N_TRAIN = 300  # conftest's tiny corpus
-PLAIN = ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-         "--optimizer", "adam", "--lr", "0.005", "--max-update", "4", "--no-epoch-checkpoints"]
 COMMON = TINY_TRANSFORMER + REWEIGHT + ["--lr", "0.05", "--momentum", "0.9", "--label-smoothing", "0.1",
                                         "--update-freq", "2", "--max-update", "6", "--no-epoch-checkpoints"]
 
@@ -31,7 +29,7 @@ def models(tiny_data_bin, tmp_path_factory):
     paths = {}
     for name, extra in (("forward", []), ("other", ["--seed", "4"]), ("reverse", ["--source-lang", "en",
                                                                               "--target-lang", "de"])):
-        run_train(tiny_data_bin, str(root / name), TINY_TRANSFORMER + PLAIN + extra)
+        run_train(tiny_data_bin, str(root / name), TINY_TRANSFORMER + PLAIN_PRETRAIN + extra)
         paths[name] = str(root / name / "checkpoint_last.pt")
     return paths
 

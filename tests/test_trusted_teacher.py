@@ -9,14 +9,12 @@ import pytest
 import torch
 
 from conftest import REPO
-from fairseq_helpers import REWEIGHT, TINY_TRANSFORMER, run_script, run_train
+from fairseq_helpers import PLAIN_PRETRAIN, REWEIGHT, TINY_TRANSFORMER, run_script, run_train
 from fairseq_reweight.cli import score_pairs
 from fairseq_reweight.cli.inspect_teacher import load_teacher_checkpoint
 from fairseq_reweight.core.errors import ReweightConfigError
 
 N_TRAIN = 300  # conftest's tiny corpus
-PLAIN = ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-         "--optimizer", "adam", "--lr", "0.005", "--max-update", "4", "--no-epoch-checkpoints"]
 FINETUNE = TINY_TRANSFORMER + REWEIGHT + ["--lr", "0.05", "--momentum", "0.9", "--label-smoothing", "0.1",
                                           "--max-update", "6", "--no-epoch-checkpoints", "--reweight-interval", "2"]
 
@@ -26,9 +24,9 @@ def trained(tiny_data_bin, tmp_path_factory):
     """A pretrained student, a reference (the student fine-tuned on the valid split), the reference's
     losses of the training pairs, and the student fine-tuned with --reweight-preset trusted."""
     root = tmp_path_factory.mktemp("trusted")
-    run_train(tiny_data_bin, str(root / "student"), TINY_TRANSFORMER + PLAIN)
+    run_train(tiny_data_bin, str(root / "student"), TINY_TRANSFORMER + PLAIN_PRETRAIN)
     student = str(root / "student" / "checkpoint_last.pt")
-    run_train(tiny_data_bin, str(root / "reference"), TINY_TRANSFORMER + PLAIN + [
+    run_train(tiny_data_bin, str(root / "reference"), TINY_TRANSFORMER + PLAIN_PRETRAIN + [
         "--restore-file", student, "--reset-optimizer", "--reset-dataloader", "--reset-meters",
         "--train-subset", "valid", "--disable-validation", "--max-update", "8"])
     losses = root / "reference.txt"

@@ -7,11 +7,32 @@ by the translation path (:mod:`fairseq_reweight.nmt.noise_monitor`, the commands
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from .errors import ReweightConfigError
+
+def read_pair_file(path: str, num_sentences: Optional[int], what: str, parse: Callable[[str], Optional[float]],
+                   expected: str, missing: str, count_hint: str) -> list:
+    """The values of a file with one line per training pair (data-bin order), ``parse`` giving each
+    line's value (None: not a valid line). Every problem is one ReweightConfigError: ``missing`` says
+    what to give when the file is not there, ``expected`` what a line should be, ``count_hint`` what to
+    do when the line count is not ``num_sentences`` (None: any count)."""
+    if not os.path.isfile(path):
+        raise ReweightConfigError(f"{what} {path!r} not found: {missing}")
+    values = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            value = parse(line.strip())
+            if value is None:
+                raise ReweightConfigError(f"{what} {path}: line {line_number} is {line.strip()!r}, expected {expected}")
+            values.append(value)
+    if num_sentences is not None and len(values) != num_sentences:
+        raise ReweightConfigError(f"{what} {path} has {len(values)} lines but the split has {num_sentences} "
+                                  f"sentences: {count_hint}")
+    return values
+
 
 def read_noise_sidecar(path: str, num_sentences: Optional[int] = None) -> np.ndarray:
     """The 0/1 noise labels of a sidecar file, one per line.
@@ -26,22 +47,10 @@ def read_noise_sidecar(path: str, num_sentences: Optional[int] = None) -> np.nda
     Raises:
         ReweightConfigError: missing file, a line other than 0 or 1, or the wrong line count.
     """
-    if not os.path.isfile(path):
-        raise ReweightConfigError(f"noise sidecar {path!r} not found: give the train.noise file written by data_prep/make_noisy_iwslt.sh")
-    labels = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            value = line.strip()
-            if value not in ("0", "1"):
-                raise ReweightConfigError(
-                    f"noise sidecar {path}: line {line_number} is {value!r}, expected 0 (clean) or 1 (noised)"
-                )
-            labels.append(value == "1")
-    if num_sentences is not None and len(labels) != num_sentences:
-        raise ReweightConfigError(
-            f"noise sidecar {path} has {len(labels)} lines but the split has {num_sentences} sentences: "
-            "give the sidecar written for this data-bin (one line per training pair, data-bin order)"
-        )
+    labels = read_pair_file(path, num_sentences, "noise sidecar", {"0": 0, "1": 1}.get,
+                            "0 (clean) or 1 (noised)",
+                            "give the train.noise file written by data_prep/make_noisy_iwslt.sh",
+                            "give the sidecar written for this data-bin (one line per training pair, data-bin order)")
     return np.asarray(labels, dtype=np.int8)
 
 

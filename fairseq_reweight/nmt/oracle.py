@@ -11,7 +11,6 @@ nor needs a meta-update: the same batches and updates as the baseline with the l
   ``examples/run_experiment.py``'s ``filter-*`` methods). The noise sidecar, if given, is only
   measured against (the noise metrics a teacher logs), never read for the weights.
 """
-import os
 from typing import Optional
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from fairseq_reweight.core.errors import ReweightConfigError
-from fairseq_reweight.core.metrics import noise_summary, read_noise_sidecar, select_sentences
+from fairseq_reweight.core.metrics import noise_summary, read_noise_sidecar, read_pair_file, select_sentences
 from fairseq_reweight.core.teacher import normalize_weights
 from fairseq_reweight.nmt.noise_monitor import MONITOR_MAX_SENTENCES
 
@@ -30,16 +29,18 @@ def read_pair_weights(path: str, num_sentences: int) -> np.ndarray:
     Raises:
         ReweightConfigError: missing file, a line that is not such a number, or the wrong line count.
     """
-    return _read_pair_values(path, num_sentences, "pair weights", lambda v: np.isfinite(v) and v >= 0,
-                             "a finite number >= 0 (e.g. 0 to drop the pair, 1 to keep it)")
+    weights = _read_numbers(path, num_sentences, "pair weights", lambda v: np.isfinite(v) and v >= 0,
+                            "a finite number >= 0 (e.g. 0 to drop the pair, 1 to keep it)")
+    return np.asarray(weights, dtype=np.float64)
 
 
 def read_pair_losses(path: str, num_sentences: int) -> np.ndarray:
     """The losses of a ``--reweight-reference-losses`` file (float64): one number a line, as
     ``fairseq-reweight-score`` writes them; ``inf`` (a pair too long for the reference to score, which
     training skips too) becomes the largest finite loss of the file."""
-    losses = _read_pair_values(path, num_sentences, "reference losses", lambda v: not np.isnan(v) and v > -np.inf,
-                               "a cross-entropy in nats (inf for a pair the reference could not score)")
+    losses = np.asarray(_read_numbers(path, num_sentences, "reference losses", lambda v: not np.isnan(v) and v > -np.inf,
+                                      "a cross-entropy in nats (inf for a pair the reference could not score)"),
+                        dtype=np.float64)
     finite = np.isfinite(losses)
     if not finite.any():
         raise ReweightConfigError(f"reference losses {path}: no finite loss: the reference scored no pair")
@@ -47,24 +48,16 @@ def read_pair_losses(path: str, num_sentences: int) -> np.ndarray:
     return losses
 
 
-def _read_pair_values(path: str, num_sentences: int, what: str, valid, expected: str) -> np.ndarray:
-    """One number a line, one line per training pair, each passing ``valid``; else a one-line error."""
-    if not os.path.isfile(path):
-        raise ReweightConfigError(f"{what} {path!r} not found: give a file with one line per training pair")
-    values = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            try:
-                value = float(line.strip())
-            except ValueError:
-                value = float("nan")
-            if not valid(value):
-                raise ReweightConfigError(f"{what} {path}: line {line_number} is {line.strip()!r}, expected {expected}")
-            values.append(value)
-    if len(values) != num_sentences:
-        raise ReweightConfigError(f"{what} {path} has {len(values)} lines but the split has {num_sentences} "
-                                  "sentences: give one line per training pair, in data-bin order")
-    return np.asarray(values, dtype=np.float64)
+def _read_numbers(path: str, num_sentences: int, what: str, valid, expected: str) -> list:
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            return None
+        return value if valid(value) else None
+
+    return read_pair_file(path, num_sentences, what, parse, expected, "give a file with one line per training pair",
+                          "give one line per training pair, in data-bin order")
 
 
 class PairWeigher(nn.Module):
