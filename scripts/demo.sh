@@ -4,9 +4,11 @@
 # fairseq-preprocess) and makes its crawl-like noisy variant: 30 % of the training pairs untranslated
 # (the target a copy of the source, the kind of web-crawl noise Khayrallah & Koehn 2018 found most
 # harmful). It pretrains a small Transformer with Adam on the noisy data, fine-tunes it (momentum
-# SGD, lr 0.05, 400 updates) four ways: uniform (baseline), the oracle that drops the known noisy
-# pairs (the bound), --reweight-preset robust (the learned label-only teacher) and filter-ce (drop
-# the 20 % of pairs the pretrained student finds least likely), and prints the table: the
+# SGD, lr 0.05, 400 updates) five ways: uniform (baseline), the oracle that drops the known noisy
+# pairs (the bound), --reweight-preset trusted (the recommended teacher: the target token and each
+# pair's excess loss over a reference tuned on the trusted validation pairs), --reweight-preset
+# robust (the label-only teacher) and excess-loss (drop the 20 % of pairs with the lowest excess
+# loss, the filter the same reference gives), and prints the table: the
 # pretrained student as it is, each fine-tune, sacreBLEU and chrF with CIs, paired significance
 # against the baseline, the share of the oracle gap closed and the noise AUC.
 # Re-running skips finished steps. OUT (default runs/demo) holds it all; arguments go to
@@ -22,5 +24,5 @@ bash data_prep/prepare_parallel.sh "$OUT/corpus" "$OUT/clean"
 bash data_prep/make_noisy_parallel.sh --kind untranslated -p 0.3 --seed 1 "$OUT/clean" "$OUT/untranslated"
 "$PYTHON" examples/run_experiment.py --preset tiny-cpu --out "$OUT/experiment" \
   --data untranslated="$OUT/untranslated/data-bin" --pretrain-seed 1 \
-  --methods pretrained baseline oracle robust filter-ce \
+  --methods pretrained baseline oracle trusted robust excess-loss \
   --finetune-updates 400 --finetune-args=--lr=0.05 "$@"
