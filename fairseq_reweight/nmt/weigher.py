@@ -5,8 +5,9 @@ source tokens, the final decoder state at each target position), the target toke
 the paper's surface features, and ``excess``: the pair's excess loss, the student's current per-token
 cross-entropy of the pair minus that of a reference model trained on trusted data (Wang et al. 2018,
 "Denoising Neural Machine Translation Training with Trusted Data and Online Data Selection"); how
-they are normalised is :mod:`fairseq_reweight.core.features`' rule. Everything the weights depend on is an argument: the training state (progress, running loss,
-best validation loss) and, inside a replay, the teacher parameters omega.
+they are normalised is :mod:`fairseq_reweight.core.features`' rule. Everything the weights depend on
+is an argument: the training state (progress, running loss, best validation loss) and, inside a
+replay, the teacher parameters omega.
 """
 from typing import Dict, List, Optional
 
