@@ -85,16 +85,39 @@ def reference_losses(cond, data, pretrained, pre_seed, args, preset, train_args)
     return _write_scores(_score_cmd(data, reference, preset, train_args), losses, "reference", args)
 
 
-def teacher_scores(cond, data, trusted_run, args, preset, train_args):
+def teacher_scores(cond, data, trusted_run, args, preset, train_args, stage=None):
     """The trained teacher of a ``trusted`` fine-tune as a filter: its mean weight of every training
     pair (``fairseq-reweight-score --teacher``; HIGHER = better), OUT/COND-filter-scores-seedS/teacher-RUN.txt
-    for that run's directory RUN."""
+    for that run's directory RUN; ``stage`` names the run the progress line is about (default: the
+    scores' directory)."""
     scores = args.out / f"{cond}-filter-scores-{trusted_run.name.rsplit('-', 1)[1]}" / f"teacher-{trusted_run.name}.txt"
     if scores.exists():
         log(f"teacher scores found: {scores}")
         return scores
     cmd = _score_cmd(data, trusted_run / "checkpoint_last.pt", preset, train_args) + ["--teacher"]
-    return _write_scores(cmd, scores, "teacher", args)
+    return _write_scores(cmd, scores, "teacher", args, stage)
+
+
+def final_teacher_auc(cond, data, run_dir, args, preset, train_args):
+    """The noise AUC of a run's final teacher over the whole training split (its mean weight of each
+    pair, ``teacher_scores``): what the teacher learned by the end, where the run's log only has its
+    last in-training evaluation (every --reweight-noise-auc-interval meta-updates, on a subset)."""
+    import numpy as np
+
+    from fairseq_reweight.cli.score_pairs import noise_auc
+    from fairseq_reweight.core.metrics import read_noise_sidecar
+
+    scores = np.loadtxt(teacher_scores(cond, data, run_dir, args, preset, train_args, stage=run_dir.name), ndmin=1)
+    noisy = read_noise_sidecar(str(Path(data) / "train.noise"), len(scores))
+    return round(noise_auc(scores, noisy, higher_is_worse=False), 4)
+
+
+def learns_a_teacher(method_args: str) -> bool:
+    """Whether a method's flags train a hypergradient teacher (``deep``, the default, or ``surface``),
+    whose checkpoint ``fairseq-reweight-score --teacher`` reads."""
+    flags = shlex.split(method_args)
+    teacher = flags[flags.index("--reweight-teacher") + 1] if "--reweight-teacher" in flags[:-1] else "deep"
+    return teacher in ("deep", "surface")
 
 
 def _score_cmd(data, checkpoint, preset, train_args):
@@ -102,12 +125,12 @@ def _score_cmd(data, checkpoint, preset, train_args):
     return cmd + (["--cpu"] if "--cpu" in shlex.split(preset["device"]) + train_args else [])
 
 
-def _write_scores(cmd, scores, kind, args):
+def _write_scores(cmd, scores, kind, args, stage=None):
     """Run a scoring command into ``scores`` (through a .partial file: an interrupted run leaves none)."""
     out = scores.parent
     partial = scores.with_name(scores.name + ".partial")
     out.mkdir(parents=True, exist_ok=True)
-    PROGRESS.stage(out.name, f"scoring the training pairs ({kind}) …")
+    PROGRESS.stage(stage or out.name, f"scoring the training pairs ({kind}) …")
     run(cmd + ["--output", str(partial)], args.out / "logs" / f"{out.name}-{scores.stem}.log")
     partial.rename(scores)
     return scores

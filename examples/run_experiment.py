@@ -19,7 +19,9 @@ For each data condition (a fairseq data-bin made by data_prep/, e.g. ``clean`` a
      detokenized hypotheses against the raw test references data_prep keeps in raw/ (or
      ``--raw-references NAME=FILE``; without them the detokenized references, said in the legend),
      tokenized BLEU, the paired bootstrap against the baseline (p for BLEU and chrF), the share of
-     the oracle gap closed, the final noise AUC and the time per update;
+     the oracle gap closed, the noise AUC (of a learned teacher: its final weights' over the whole
+     training split, ``fairseq-reweight-score --teacher``; of L2T: the last one it logged; of a filter:
+     its scores') and the time per update;
   4. add the runs to OUT/results.csv (kept across invocations) and write OUT/results.md.
 
 With ``--reweight-phase pretrain`` the methods act during Adam pretraining from scratch instead
@@ -57,7 +59,8 @@ import time
 from pathlib import Path
 
 import results  # examples/results.py (this script's directory is on sys.path)
-from experiment_filters import drop_fraction, drop_worst, filter_method, reference_losses  # noqa: F401  (drop_worst: the tests')
+from experiment_filters import (drop_fraction, drop_worst, filter_method, final_teacher_auc,  # noqa: F401
+                                learns_a_teacher, reference_losses)  # (drop_worst: the tests import it from here)
 from experiment_methods import (DEFAULT_FILTER_DROP, FILTERS, METHODS, PRESETS, TRUSTED, method_flags, planned_runs,
                                 reads_reference_losses)
 from experiment_steps import PROGRESS, duration, finetune, log, pretrain, reweighted_pretrain, translate
@@ -145,6 +148,8 @@ def run_condition(cond, data, args, preset, flags, train_args):
             hyps, refs = translate(data, ckpt, args.out / name / "test", preset)
             scores = score(cond, data, args.out / name, hyps, refs, args)
             sec, auc = results.training_figures(args.out / "logs" / f"{name}.log")
+            if learns_a_teacher(method_args) and (Path(data) / "train.noise").exists():
+                auc = final_teacher_auc(cond, data, args.out / name, args, preset, train_args)
             rows.append(dict(data=cond, method=method, seed=seed, **scores, noise_auc=auc, sec_per_update=round(sec, 4),
                              run_dir=str(args.out / name), command=" ".join(shlex.quote(c) for c in cmd)))
     for row in rows:  # a filter's noise AUC is its score's (the fine-tune logs its 0/1 weights')

@@ -80,7 +80,8 @@ def test_pipeline_micro(tmp_path):
     stages = [PROGRESS.match(line).groups() for line in stdout.splitlines() if PROGRESS.match(line)]
     assert [(name, what) for _, _, name, what, _ in stages] == [("noisy-pretrain-seed1", "pretraining …")] + [
         (run, what) for run in runs[1:]
-        for what in ("fine-tuning …", "translating the test set …", "scoring …")]
+        for what in ("fine-tuning …", "translating the test set …", "scoring …")] + [
+        ("noisy-deep-seed1", "scoring the training pairs (teacher) …")]  # its final teacher's noise AUC
     assert all(total == "4" and int(left) == 4 - int(i) and runs[int(i) - 1] == name
                for i, total, name, _, left in stages)
     assert stdout.index("[1/4] noisy-pretrain-seed1: pretraining") < stdout.index("$ ") < stdout.index(
@@ -118,6 +119,13 @@ def test_pipeline_micro(tmp_path):
         assert row["p_bleu"] == f"{scores['BLEU'][1].p_value:.4f}" and row["p_chrf"] == f"{scores['chrF2'][1].p_value:.4f}"
     oracle = rows[1]
     assert float(oracle["noise_auc"]) == 1.0 and "--reweight-teacher oracle" in oracle["command"]
+    # a learned teacher's noise AUC is its final weights' over the whole training split (score --teacher)
+    from fairseq_reweight.cli.score_pairs import noise_auc
+
+    teacher = [float(x) for x in _lines(out / "noisy-filter-scores-seed1" / "teacher-noisy-deep-seed1.txt")]
+    sidecar = [int(x) for x in _lines(noisy / "data-bin" / "train.noise")]
+    assert len(teacher) == len(sidecar) == 400
+    assert float(rows[2]["noise_auc"]) == round(noise_auc(teacher, sidecar, higher_is_worse=False), 4)
 
     header = "| method | seeds | sacreBLEU | chrF | BLEU (tok.) | sacreBLEU (lc) | Δ sacreBLEU | p (BLEU) | p (chrF) |"
     assert header in stdout
@@ -125,8 +133,9 @@ def test_pipeline_micro(tmp_path):
     assert deep[3] == f"{float(rows[2]['sacrebleu']):.2f} (± {float(rows[2]['sacrebleu_ci95']):.2f})"
     assert deep[9] == f"{float(rows[2]['p_chrf']):.3f}"
     significant = float(oracle["p_bleu"]) < 0.05 and float(oracle["sacrebleu"]) > float(rows[0]["sacrebleu"])
-    assert (deep[11] == "–") == (not significant)
-    assert (deep[11] == "–") == ("oracle gap closed not shown for deep" in stdout)
+    assert (deep[10] == "–") == (not significant)  # the oracle gap closed
+    assert (deep[10] == "–") == ("oracle gap closed not shown for deep" in stdout)
+    assert deep[11] == f"{float(rows[2]['noise_auc']):.3f}"  # the noise AUC
     assert f"noisy: references {(clean / 'raw' / 'test.en').resolve()} (raw" in stdout
     assert "noisy: the data was lowercased by data_prep" in stdout and "not comparable" not in stdout
     assert (out / "results.md").read_text() in stdout

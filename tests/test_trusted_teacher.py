@@ -100,6 +100,8 @@ def test_trusted_and_teacher_filter_methods_end_to_end(noisy_data_bin, tmp_path,
     assert len(teacher) == len(weights) == len(noisy) and weights.sum() == len(noisy) - round(0.2 * len(noisy))
     assert teacher[weights == 0].max() <= teacher[weights == 1].min()
     assert float(rows[1]["noise_auc"]) == pytest.approx(score_pairs.noise_auc(teacher, noisy, False), abs=1e-4)
+    # the trusted row's noise AUC is its final teacher's, from the same scores
+    assert float(rows[0]["noise_auc"]) == round(score_pairs.noise_auc(teacher, noisy, False), 4)
     # compare_methods: trusted against teacher-filter, the Δ of their sacreBLEU and the p of the paired test
     import compare_methods
     import results
