@@ -19,11 +19,16 @@ def score_bin():
     return [str(local)] if local.exists() else [sys.executable, "-m", "fairseq_reweight.cli.score_pairs"]
 
 
+def flag_value(flags: str, name: str, default: str) -> str:
+    """The value that command-line ``flags`` give option ``name`` (its first), else ``default``."""
+    words = shlex.split(flags)
+    return words[words.index(name) + 1] if name in words[:-1] else default
+
+
 def trusted_subset(args):
     """The split the teacher meta-validates on (``--meta-valid-subset`` in --finetune-args, else the
     task's default, ``valid``): the trusted data of the excess-loss reference."""
-    flags = shlex.split(args.finetune_args)
-    return flags[flags.index("--meta-valid-subset") + 1] if "--meta-valid-subset" in flags[:-1] else "valid"
+    return flag_value(args.finetune_args, "--meta-valid-subset", "valid")
 
 
 def filter_scores(kind, cond, data, pretrained, pre_seed, args, preset, train_args):
@@ -115,9 +120,7 @@ def final_teacher_auc(cond, data, run_dir, args, preset, train_args):
 def learns_a_teacher(method_args: str) -> bool:
     """Whether a method's flags train a hypergradient teacher (``deep``, the default, or ``surface``),
     whose checkpoint ``fairseq-reweight-score --teacher`` reads."""
-    flags = shlex.split(method_args)
-    teacher = flags[flags.index("--reweight-teacher") + 1] if "--reweight-teacher" in flags[:-1] else "deep"
-    return teacher in ("deep", "surface")
+    return flag_value(method_args, "--reweight-teacher", "deep") in ("deep", "surface")
 
 
 def _score_cmd(data, checkpoint, preset, train_args):
