@@ -101,23 +101,26 @@ class ReweightTranslationTask(TranslationTask):
                          loss_from_logits=True)
         return criterion
 
+    def _train_size(self) -> int:
+        """Pairs in the training split (loaded now if it is not yet): a per-pair file is checked
+        against it at start-up."""
+        if self.cfg.train_subset not in self.datasets:
+            self.load_dataset(self.cfg.train_subset, combine=False, epoch=1)
+        return len(self.dataset(self.cfg.train_subset))
+
     def _reference_losses(self):
         """``--reweight-reference-losses`` as a float64 tensor, for the ``excess`` feature (else None)."""
         if not self.cfg.reweight_reference_losses:
             return None
         from fairseq_reweight.nmt.oracle import read_pair_losses
 
-        if self.cfg.train_subset not in self.datasets:  # the file is checked against its size now
-            self.load_dataset(self.cfg.train_subset, combine=False, epoch=1)
-        losses = read_pair_losses(self.cfg.reweight_reference_losses, len(self.dataset(self.cfg.train_subset)))
+        losses = read_pair_losses(self.cfg.reweight_reference_losses, self._train_size())
         return torch.from_numpy(losses)
 
     def _attach_oracle(self, criterion):
         from fairseq_reweight.nmt.oracle import OracleWeigher, pairs_weigher
 
-        if self.cfg.train_subset not in self.datasets:  # the sidecar is checked against its size now
-            self.load_dataset(self.cfg.train_subset, combine=False, epoch=1)
-        num_sentences = len(self.dataset(self.cfg.train_subset))
+        num_sentences = self._train_size()
         if self.cfg.reweight_teacher == "pairs":
             self.oracle = pairs_weigher(self.cfg.reweight_pair_weights, num_sentences, self.tgt_dict.pad(),
                                         self.cfg.seed, self.cfg.reweight_noise_sidecar)
