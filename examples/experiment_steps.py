@@ -129,12 +129,24 @@ def reweighted_pretrain(data, out, preset, flags, seed, train_args):
     return reweighted_train(data, out, preset, optimizer, flags, seed, train_args, "pretrained")
 
 
+FINETUNE_OPTIMIZERS = {
+    # the paper's: momentum SGD (the teacher's hypergradient undoes its steps, stores nothing)
+    "sgd": ["--optimizer", "reweight_sgd", "--lr", "1e-3", "--momentum", "0.9", "--lr-scheduler", "fixed"],
+    # the pretraining's Adam (betas, weight decay) at a constant lr after a short warm-up, fresh moments
+    # (fairseq cannot carry the pretraining's Adam state across criteria): for a student that Adam took
+    # close to convergence, where a switch to momentum SGD first undoes part of the pretraining
+    "adam": ["--optimizer", "reweight_adam", "--reweight-history", "checkpoint", "--adam-betas", "(0.9,0.98)",
+             "--lr", "3e-4", "--lr-scheduler", "fixed", "--warmup-updates", "50", "--weight-decay", "0.0001"],
+}
+
+
 def finetune(data, pretrained, out, preset, flags, seed, train_args):
-    """The fine-tune (momentum SGD from the pretrained student)."""
-    optimizer = ["--optimizer", "reweight_sgd", "--lr", "1e-3", "--momentum", "0.9", "--lr-scheduler", "fixed",
-                 "--max-tokens", str(preset["max_tokens"]), "--max-update", str(preset["finetune_updates"]),
-                 "--restore-file", str(pretrained), "--reset-optimizer", "--reset-lr-scheduler",
-                 "--reset-meters", "--reset-dataloader"]
+    """The fine-tune from the pretrained student with ``preset["finetune_optimizer"]`` (FINETUNE_OPTIMIZERS;
+    its lr is overridden by ``--finetune-args=--lr=...``)."""
+    optimizer = FINETUNE_OPTIMIZERS[preset.get("finetune_optimizer", "sgd")] + [
+        "--max-tokens", str(preset["max_tokens"]), "--max-update", str(preset["finetune_updates"]),
+        "--restore-file", str(pretrained), "--reset-optimizer", "--reset-lr-scheduler",
+        "--reset-meters", "--reset-dataloader"]
     return reweighted_train(data, out, preset, optimizer, flags, seed, train_args, "fine-tuned")
 
 

@@ -4,8 +4,8 @@
 For each data condition (a fairseq data-bin made by data_prep/, e.g. ``clean`` and ``noisy``):
   1. pretrain a Transformer with Adam (lr 5e-4, inverse_sqrt, label smoothing 0.1) on that data,
      once per seed or, with ``--pretrain-seed N``, once for all fine-tuning seeds;
-  2. from its best checkpoint, fine-tune with momentum SGD (lr 1e-3, momentum 0.9) for the same
-     number of updates, one run per method and seed: ``pretrained`` (no fine-tune at all: the row
+  2. from its best checkpoint, fine-tune with momentum SGD (lr 1e-3, momentum 0.9; or with
+     ``--finetune-optimizer adam`` the pretraining's Adam at a constant lr) for the same number of updates, one run per method and seed: ``pretrained`` (no fine-tune at all: the row
      a fine-tune must beat), ``baseline`` (--reweight-teacher none),
      ``oracle`` (noisy pairs weighted 0 from the data-bin's train.noise: the bound of
      down-weighting the noise; skipped where there is no sidecar), ``surface``, ``deep`` (the paper's),
@@ -63,7 +63,8 @@ from experiment_filters import (drop_fraction, drop_worst, filter_method, final_
                                 learns_a_teacher, reference_losses)  # (drop_worst: the tests import it from here)
 from experiment_methods import (DEFAULT_FILTER_DROP, FILTERS, METHODS, PRESETS, TRUSTED, method_flags, planned_runs,
                                 reads_reference_losses)
-from experiment_steps import PROGRESS, duration, finetune, log, pretrain, reweighted_pretrain, translate
+from experiment_steps import (FINETUNE_OPTIMIZERS, PROGRESS, duration, finetune, log, pretrain, reweighted_pretrain,
+                              translate)
 
 
 def references(conditions, overrides):
@@ -203,6 +204,12 @@ def parse_args(argv=None):
     parser.add_argument("--finetune-args", default="",
                         help="extra flags for the fine-tuning calls only (e.g. --teacher-hidden-layers 1)")
     parser.add_argument("--finetune-updates", type=int, help="override the preset's fine-tuning updates")
+    parser.add_argument("--finetune-optimizer", choices=sorted(FINETUNE_OPTIMIZERS), default="sgd",
+                        help="the fine-tune's optimizer (and the trusted reference's): sgd, the paper's momentum "
+                        "SGD (lr 1e-3, momentum 0.9), or adam, the pretraining's Adam at a constant lr (3e-4 "
+                        "after 50 warm-up updates; fresh moments; --optimizer reweight_adam --reweight-history "
+                        "checkpoint) for a student Adam took close to convergence; the lr of either with "
+                        "--finetune-args=--lr=X")
     parser.add_argument("--pretrain-updates", type=int, help="override the preset's pretraining updates")
     parser.add_argument("--raw-references", action="append", default=[], metavar="NAME=FILE",
                         help="the untokenized, original-case test references of condition NAME (default: the raw/ "
@@ -259,6 +266,7 @@ def main(argv=None):
     for key in ("finetune_updates", "pretrain_updates"):
         if getattr(args, key):
             preset[key] = getattr(args, key)
+    preset["finetune_optimizer"] = args.finetune_optimizer
     conditions = data_conditions(parser, args)
     train_args = shlex.split(args.train_args)
     args.out.mkdir(parents=True, exist_ok=True)
