@@ -42,10 +42,9 @@ def filter_scores(kind, cond, data, pretrained, pre_seed, args, preset, train_ar
       here the only trusted data is the small validation set, so both directions see the noisy corpus;
     - ``excess``: H_student - H_reference (Wang et al. 2018; HIGHER = better), the reference being the
       student fine-tuned on the trusted split the teacher meta-validates on (``valid``) with the
-      fine-tune's own optimizer and budget (momentum SGD, lr 1e-3, the preset's fine-tuning updates),
-      OUT/COND-reference-seedS. SGD rather than Adam: the reference then differs from the student only
-      by the data it saw, as every method's fine-tune does, and a small SGD move on a small trusted set
-      does not memorise it (fresh Adam moves every weight by about lr per step from the first update).
+      fine-tune's own optimizer and budget (``--finetune-optimizer``, ``--finetune-args``, the preset's
+      fine-tuning updates), OUT/COND-reference-seedS: the reference then differs from the student
+      only by the data it saw, as every method's fine-tune does.
     """
     out = args.out / f"{cond}-filter-scores-seed{pre_seed}"
     scores = out / f"{kind}.txt"

@@ -250,7 +250,9 @@ def table_note(args, preset, rows):
     pretrained = (f"one pretrained student (seed {args.pretrain_seed}) per condition for all fine-tuning seeds"
                   if args.pretrain_seed else "one pretrained student per fine-tuning seed")
     note = (f"Test set, beam {preset['beam']}; mean ± std over seeds; {pretrained}; "
-            f"{preset['finetune_updates']} fine-tuning updates.")
+            f"{preset['finetune_updates']} fine-tuning updates"
+            + (" (Adam at a constant lr, --finetune-optimizer adam)." if preset.get("finetune_optimizer") == "adam"
+               else " (momentum SGD)."))
     if args.reweight_phase == "pretrain":
         note = (f"Test set, beam {preset['beam']}; mean ± std over seeds; the methods act during Adam pretraining "
                 f"from scratch (reweight_adam), {preset['pretrain_updates']} updates each, last checkpoint; no fine-tune.")

@@ -2,6 +2,7 @@
 reference's (``--reweight-reference-losses`` from ``fairseq-reweight-score``), and the trained teacher
 as a filter (``fairseq-reweight-score --teacher``)."""
 import csv
+import re
 import sys
 
 import numpy as np
@@ -112,3 +113,23 @@ def test_trusted_and_teacher_filter_methods_end_to_end(noisy_data_bin, tmp_path,
     delta = float(rows[0]["sacrebleu"]) - float(rows[1]["sacrebleu"])
     assert line == [f"| noisy | teacher-filter | 1 | {delta:+.2f} | {delta:+.2f} | {p_bleu:.3f} | {p_chrf:.3f} | "
                     f"{int(delta > 0 and p_bleu < 0.05)} / {int(delta < 0 and p_bleu < 0.05)} of 1 |"]
+
+
+def test_adam_finetune_runs_every_fine_tune_and_the_reference_with_adam(noisy_data_bin, tmp_path):
+    out = tmp_path / "experiment"
+    run_script([sys.executable, f"{REPO}/examples/run_experiment.py", "--preset", "micro", "--out", str(out),
+                "--data", f"noisy={noisy_data_bin}", "--finetune-optimizer", "adam", "--finetune-args=--lr=1e-3",
+                "--methods", "baseline", "trusted"])
+    with open(out / "results.csv") as fh:
+        rows = {r["method"]: r for r in csv.DictReader(fh)}
+    assert sorted(rows) == ["baseline", "trusted"]
+    for method in ("baseline", "trusted"):
+        assert "--optimizer reweight_adam --reweight-history checkpoint" in rows[method]["command"]
+        assert rows[method]["command"].endswith("--lr=1e-3")
+    # the reference the teacher reads was fine-tuned with the same Adam, and the teacher met Adam's replay:
+    # its meta-updates ran and logged a hypergradient
+    for run in ("reference", "trusted"):
+        log = (out / "logs" / f"noisy-{run}-seed1.log").read_text()
+        assert "'optimizer': {'_name': 'reweight_adam'" in log and "'lr': [0.001]" in log
+    gnorms = re.findall(r"teacher_gnorm[ =]([0-9.e+-]+)", (out / "logs" / "noisy-trusted-seed1.log").read_text())
+    assert gnorms and float(gnorms[-1]) > 0
