@@ -109,17 +109,21 @@ def reference_lines(references, n):
 def training_figures(log_file):
     """(seconds per update, last logged noise_auc or None) from a fairseq-train log (simple format):
     each epoch summary's updates over its ``ups`` (updates per second over the epoch's training,
-    meta-updates and the noise-AUC scoring included, validation and checkpointing not)."""
-    seconds, updates, auc = 0.0, 0, None
+    meta-updates and the noise-AUC scoring included, validation and checkpointing not). An epoch that
+    fairseq logs with ``ups 0`` (one update: its meter has no interval yet) is left out of the mean."""
+    seconds, updates, timed, auc = 0.0, 0, 0, None
     for line in Path(log_file).read_text(encoding="utf-8", errors="replace").splitlines():
         found = re.search(r"noise_auc ([0-9.]+|nan)", line)
         if found:
             auc = None if found.group(1) == "nan" else float(found.group(1))
         if "| train | epoch" in line:
             total = int(re.search(r"num_updates ([0-9]+)", line).group(1))
-            seconds += (total - updates) / float(re.search(r"\bups ([0-9.]+)", line).group(1))
+            ups = float(re.search(r"\bups ([0-9.]+)", line).group(1))
+            if ups > 0:
+                seconds += (total - updates) / ups
+                timed += total - updates
             updates = total
-    return (seconds / updates if updates else float("nan")), auc
+    return (seconds / timed if timed else float("nan")), auc
 
 
 def read_generate(generate_file):

@@ -12,6 +12,7 @@ from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
 
 import results  # examples/results.py (pytest.ini puts examples/ on sys.path)
+import results_io
 from conftest import REPO
 
 # tokenized, lower-cased lines as fairseq-generate prints them (Moses escaping), and the raw references
@@ -198,3 +199,14 @@ def test_prepare_iwslt14_keeps_the_raw_valid_and_test_text(tmp_path):
             assert len(raw) > 5 and any(c.isupper() for line in raw for c in line)
             assert [tok.tokenize(line.strip(), escape=True, return_str=True).lower() for line in raw] == \
                 results.read_lines(out / "tok" / f"{split}.{lang}")
+
+
+def test_training_figures_leave_out_an_epoch_fairseq_could_not_time(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text(
+        "x | INFO | train_inner | epoch 001: 1 / 1 loss=1, noise_auc=0.61, ups=0, num_updates=1\n"
+        "x | INFO | train | epoch 001 | loss 7.9 | wps 0 | ups 0 | wpb 819 | num_updates 1 | lr 1e-05\n"
+        "x | INFO | train | epoch 002 | loss 7.8 | noise_auc 0.75 | ups 5.0 | wpb 819 | num_updates 11 | lr 1e-05\n"
+        "x | INFO | train | epoch 003 | loss 7.7 | ups 2.5 | wpb 819 | num_updates 16 | lr 1e-05\n")
+    seconds, auc = results_io.training_figures(log)
+    assert seconds == pytest.approx((10 / 5.0 + 5 / 2.5) / 15) and auc == 0.75
