@@ -5,8 +5,9 @@ For each data condition (a fairseq data-bin made by data_prep/, e.g. ``clean`` a
   1. pretrain a Transformer with Adam (lr 5e-4, inverse_sqrt, label smoothing 0.1) on that data,
      once per seed or, with ``--pretrain-seed N``, once for all fine-tuning seeds;
   2. from its best checkpoint, fine-tune with momentum SGD (lr 1e-3, momentum 0.9; or with
-     ``--finetune-optimizer adam`` the pretraining's Adam at a constant lr) for the same number of updates, one run per method and seed: ``pretrained`` (no fine-tune at all: the row
-     a fine-tune must beat), ``baseline`` (--reweight-teacher none),
+     ``--finetune-optimizer adam`` the pretraining's Adam at a constant lr) for the same number of
+     updates, one run per method and seed: ``pretrained`` (no fine-tune at all: the row a
+     fine-tune must beat), ``baseline`` (--reweight-teacher none),
      ``oracle`` (noisy pairs weighted 0 from the data-bin's train.noise: the bound of
      down-weighting the noise; skipped where there is no sidecar), ``surface``, ``deep`` (the paper's),
      ``robust`` (``--reweight-preset robust``), ``trusted`` (``--reweight-preset trusted``: the label and
