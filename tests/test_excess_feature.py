@@ -72,3 +72,16 @@ def test_reference_loss_file_errors_are_one_line(tmp_path, text, size, error):
         path.write_text(text)
     with pytest.raises(ReweightConfigError, match=error):
         read_pair_losses(str(path), size)
+
+
+def test_excess_init_starts_the_teacher_as_a_soft_excess_filter():
+    sample, lprobs = _batch()
+    reference = torch.tensor([0.0, 3.0, 1.0, 0.0, 0.0, 5.0], dtype=torch.float64)
+    weigher = TokenWeigher(["label", "excess"], PAD, 20, 6, 6, reference_losses=reference, excess_init=1.5)
+    assert weigher.teacher.feature_proj.weight.flatten().tolist() == [1.5]
+    excess = weigher.dense_features(None, None, lprobs, sample["target"], TrainingState(), sample["id"])[:, 0, 0]
+    _, raw = weigher(sample, None, None, lprobs, TrainingState())
+    # zero label embedding and bias: each pair's raw weight is sigmoid(1.5 x its excess) on every token
+    assert raw[:, 0].tolist() == pytest.approx(torch.sigmoid(1.5 * excess).tolist(), abs=1e-6)
+    with pytest.raises(ValueError, match="excess feature"):
+        TokenWeigher(["label"], PAD, 20, 6, 6, excess_init=1.0)

@@ -75,6 +75,9 @@ def test_teacher_scores_are_its_mean_weight_of_each_pair(tiny_data_bin, trained,
 def test_trusted_without_reference_losses_is_a_one_line_error(tiny_data_bin, tmp_path):
     with pytest.raises(ReweightConfigError, match="--teacher-features excess needs --reweight-reference-losses"):
         run_train(tiny_data_bin, str(tmp_path / "x"), FINETUNE + ["--reweight-preset", "trusted"])
+    with pytest.raises(ReweightConfigError, match="--teacher-excess-init .* needs --teacher-features with excess"):
+        run_train(tiny_data_bin, str(tmp_path / "y"), FINETUNE + ["--reweight-preset", "robust",
+                                                                  "--teacher-excess-init", "1"])
     with pytest.raises(ReweightConfigError, match="not several"):
         score_pairs.main([tiny_data_bin, "--path", "x.pt", "--teacher", "--reference-path", "y.pt"])
 

@@ -47,6 +47,14 @@ class ReweightTranslationConfig(TranslationConfig):
         default=0, metadata={"help": "0: the paper's linear teacher; N: an MLP with N ReLU layers"}
     )
     teacher_hidden_dim: int = field(default=64, metadata={"help": "width of the MLP teacher"})
+    teacher_excess_init: float = field(
+        default=0.0,
+        metadata={"help": "with --teacher-features excess and the linear teacher: the excess feature's initial "
+                  "coefficient, in logit units per nat (0: zero-initialised like every other input, the paper's "
+                  "start). A positive value starts the teacher as a soft excess-loss filter, the sign that the "
+                  "feature's first-order influence on the validation loss gives, so that a few noisy early "
+                  "hypergradients cannot set the sign the wrong way; the teacher learns from there"},
+    )
     teacher_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the teacher"})
     teacher_clip_norm: float = field(
         default=0.0, metadata={"help": "clip the teacher's gradient norm to this (0: off)"}

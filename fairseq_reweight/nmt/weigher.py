@@ -66,11 +66,13 @@ class TokenWeigher(nn.Module):
             sentence's other tokens (``--reweight-eos sentence``); None: the teacher weighs it.
         reference_losses: with the ``excess`` feature: the reference model's per-token cross-entropy
             of every training pair, indexed by fairseq's ``sample["id"]``.
+        excess_init: the linear teacher's initial coefficient of the excess feature (0: zero, as
+            every other input).
     """
 
     def __init__(self, features: List[str], pad: int, vocab_size: int, encoder_dim: int, decoder_dim: int,
                  hidden_layers: int = 0, hidden_dim: int = 64, granularity: str = "token", features_grad: bool = False,
-                 eos: Optional[int] = None, reference_losses: Optional[Tensor] = None):
+                 eos: Optional[int] = None, reference_losses: Optional[Tensor] = None, excess_init: float = 0.0):
         super().__init__()
         self.features, self.pad, self.eos = list(features), pad, eos
         self.granularity, self.features_grad = granularity, features_grad
@@ -83,6 +85,11 @@ class TokenWeigher(nn.Module):
         dense_dim = (len(self.columns) + self.excess + encoder_dim * ("encoder" in features)
                      + decoder_dim * ("decoder" in features))
         self.teacher = Teacher(dense_dim, vocab_size if "label" in features else 0, hidden_layers, hidden_dim)
+        if excess_init:  # the excess loss is the last dense column (dense_features)
+            if not self.excess or hidden_layers:
+                raise ValueError("excess_init needs the excess feature and the linear teacher")
+            with torch.no_grad():
+                self.teacher.feature_proj.weight[0, -1] = excess_init
         # trained by the driver's own Adam on hypergradients, never by the student's optimizer
         self.teacher.requires_grad_(False)
 
