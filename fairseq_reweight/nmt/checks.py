@@ -55,7 +55,7 @@ def check_options(cfg: ReweightTranslationConfig) -> None:
         raise ReweightConfigError("--teacher-features excess needs --reweight-reference-losses (a reference model's "
                                   "cross-entropy of every training pair), and that file is read by the excess feature "
                                   "only: give both or neither")
-    if cfg.teacher_excess_init != 0 and ("excess" not in features or cfg.teacher_hidden_layers > 0):
+    if cfg.teacher_excess_init and ("excess" not in features or cfg.teacher_hidden_layers > 0):
         raise ReweightConfigError("--teacher-excess-init sets the linear teacher's coefficient of the excess feature: "
                                   "it needs --teacher-features with excess and --teacher-hidden-layers 0")
     if "progress" in features and cfg.max_update <= 0:

@@ -30,9 +30,10 @@ class ReweightTranslationConfig(TranslationConfig):
     )
     reweight_preset: ChoiceEnum(["none", "robust", "trusted"]) = field(
         default="none",
-        metadata={"help": "trusted: a linear teacher on the target token and the pair's excess loss against a reference "
-                  "trained on trusted data (--teacher-features label,excess --teacher-lr 0.1; needs "
-                  "--reweight-reference-losses): for crawled corpora whose noise is unknown; robust: the target token "
+        metadata={"help": "trusted: a linear teacher on the pair's excess loss against a reference trained on trusted "
+                  "data, started as a soft excess-loss filter (--teacher-features excess --teacher-lr 0.1 "
+                  "--teacher-excess-init 1; needs --reweight-reference-losses): for crawled corpora whose noise is "
+                  "unknown; robust: the target token "
                   "only (--teacher-features label --teacher-lr 0.1), for noise visible in the target's words; a preset "
                   "fills in the options left at their defaults (none: the paper's configuration)"},
     )
@@ -47,13 +48,14 @@ class ReweightTranslationConfig(TranslationConfig):
         default=0, metadata={"help": "0: the paper's linear teacher; N: an MLP with N ReLU layers"}
     )
     teacher_hidden_dim: int = field(default=64, metadata={"help": "width of the MLP teacher"})
-    teacher_excess_init: float = field(
-        default=0.0,
+    teacher_excess_init: Optional[float] = field(
+        default=None,
         metadata={"help": "with --teacher-features excess and the linear teacher: the excess feature's initial "
-                  "coefficient, in logit units per nat (0: zero-initialised like every other input, the paper's "
-                  "start). A positive value starts the teacher as a soft excess-loss filter, the sign that the "
-                  "feature's first-order influence on the validation loss gives, so that a few noisy early "
-                  "hypergradients cannot set the sign the wrong way; the teacher learns from there"},
+                  "coefficient, in logit units per nat (unset or 0: zero-initialised like every other input, the "
+                  "paper's start; --reweight-preset trusted: 1). A positive value starts the teacher as a soft "
+                  "excess-loss filter, the sign that the feature's first-order influence on the validation loss "
+                  "gives, so that a few noisy early hypergradients cannot set the sign the wrong way; the teacher "
+                  "learns from there"},
     )
     teacher_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the teacher"})
     teacher_clip_norm: float = field(
@@ -171,7 +173,7 @@ class ReweightTranslationConfig(TranslationConfig):
 
 PRESETS = {
     "robust": {"teacher_features": "label", "teacher_lr": 0.1},
-    "trusted": {"teacher_features": "label,excess", "teacher_lr": 0.1},
+    "trusted": {"teacher_features": "excess", "teacher_lr": 0.1, "teacher_excess_init": 1.0},
 }
 
 

@@ -89,7 +89,7 @@ class ReweightTranslationTask(TranslationTask):
             self.cfg.teacher_hidden_layers, self.cfg.teacher_hidden_dim, self.cfg.reweight_granularity,
             self.cfg.reweight_features_grad,
             eos=self.tgt_dict.eos() if self.cfg.reweight_eos == "sentence" else None,
-            reference_losses=self._reference_losses(), excess_init=self.cfg.teacher_excess_init,
+            reference_losses=self._reference_losses(), excess_init=self.cfg.teacher_excess_init or 0.0,
         )
         monitor = None
         if self.cfg.reweight_noise_sidecar:
