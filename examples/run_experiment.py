@@ -10,7 +10,7 @@ For each data condition (a fairseq data-bin made by data_prep/, e.g. ``clean`` a
      fine-tune must beat), ``baseline`` (--reweight-teacher none),
      ``oracle`` (noisy pairs weighted 0 from the data-bin's train.noise: the bound of
      down-weighting the noise; skipped where there is no sidecar), ``surface``, ``deep`` (the paper's),
-     ``robust`` (``--reweight-preset robust``), ``trusted`` (``--reweight-preset trusted``: the label and
+     ``robust`` (``--reweight-preset robust``), ``trusted`` (``--reweight-preset trusted``: a teacher on
      the pair's excess loss over a reference, the pretrained student fine-tuned on the validation split,
      whose losses of the training pairs are computed first), ``l2t`` (L2T-data, the paper's Table 7
      baseline) and every ``--variant NAME="FLAGS"`` (the deep teacher with FLAGS, e.g.

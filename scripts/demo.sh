@@ -5,7 +5,7 @@
 # (the target a copy of the source, the kind of web-crawl noise Khayrallah & Koehn 2018 found most
 # harmful). It pretrains a small Transformer with Adam on the noisy data, fine-tunes it (momentum
 # SGD, lr 0.05, 400 updates) five ways: uniform (baseline), the oracle that drops the known noisy
-# pairs (the bound), --reweight-preset trusted (the recommended teacher: the target token and each
+# pairs (the bound), --reweight-preset trusted (the recommended teacher: each
 # pair's excess loss over a reference tuned on the trusted validation pairs), --reweight-preset
 # robust (the label-only teacher) and excess-loss (drop the 20 % of pairs with the lowest excess
 # loss, the filter the same reference gives), and prints the table: the
