@@ -34,7 +34,7 @@ bin="$(dirname "$py")"
 
 # 1. data: tokenize + joint BPE once, then 30 % of the training pairs noised per kind (valid/test clean)
 bash "$repo/data_prep/prepare_parallel.sh" "$corpus" "$out/data/clean"
-for kind in $kinds; do
+for kind in $(printf '%s\n' mix $kinds | awk '!seen[$0]++'); do  # mix: the pretraining's corpus
   q=(); [ "$kind" = mask ] && q=(-q 0.15)
   bash "$repo/data_prep/make_noisy_parallel.sh" --kind "$kind" -p 0.3 "${q[@]}" --seed 1 "$out/data/clean" \
     "$out/data/$kind-p03"
