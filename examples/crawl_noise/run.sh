@@ -41,24 +41,24 @@ for kind in $(printf '%s\n' mix $kinds | awk '!seen[$0]++'); do  # mix: the pret
 done
 
 # 2. one student for every kind: Adam (lr 1e-3, inverse_sqrt, 1000 warm-up updates) on the mixed
-#    noise, 7170 updates (--pretrain-updates; 30 epochs of gettext; the validation loss still falls by ~0.1 per 1000
-#    updates there: as close to converged as 2 CPU cores allow). Resumable: fairseq restarts from
+#    noise, 7170 updates (--pretrain-updates; 30 epochs of gettext, where the validation loss still
+#    falls by ~0.1 per 1000 updates: as close to converged as 2 CPU cores allow), the tiny-cpu
+#    preset's model and device, which the fine-tunes load. Resumable: fairseq restarts from
 #    checkpoint_last.pt. The kinds share clean/'s dictionary, so the one student fits them all.
+read -r -a preset < <("$py" -c 'import sys; sys.path.insert(0, sys.argv[1]); from experiment_methods import PRESETS
+p = PRESETS["tiny-cpu"]; print(p["model"], p["device"])' "$repo/examples")
 pre="$out/pretrain-mix"
 if [ ! -f "$pre/done-$pretrain_updates" ]; then
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$bin/fairseq-train" "$out/data/mix-p03/data-bin" --task translation \
     --criterion label_smoothed_cross_entropy --label-smoothing 0.1 --optimizer adam --adam-betas '(0.9,0.98)' \
     --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 1000 --weight-decay 0.0001 --max-tokens 2048 \
-    --max-update "$pretrain_updates" --seed 1 --save-dir "$pre" --no-epoch-checkpoints --save-interval-updates 1000 \
-    --keep-interval-updates 1 --log-format simple --log-interval 200 \
-    --arch transformer --encoder-layers 2 --decoder-layers 2 --encoder-embed-dim 64 --decoder-embed-dim 64 \
-    --encoder-ffn-embed-dim 128 --decoder-ffn-embed-dim 128 --encoder-attention-heads 4 \
-    --decoder-attention-heads 4 --share-all-embeddings --dropout 0.1 --cpu
+    --max-update "$pretrain_updates" --seed 1 --save-dir "$pre" --no-epoch-checkpoints \
+    --save-interval-updates 1000 --keep-interval-updates 1 --log-format simple --log-interval 200 "${preset[@]}"
   touch "$pre/done-$pretrain_updates"
 fi
 
-# 3. per kind: the methods, each a 400-update (--finetune-updates) Adam fine-tune (lr 3e-4 after 50 warm-up updates) of
-#    that student, 3 seeds; the table in $out/table/results.md
+# 3. per kind: the methods, each a 400-update (--finetune-updates) Adam fine-tune of that student
+#    (lr 3e-4 after 50 warm-up updates), 3 seeds; the table in $out/table/results.md
 data=()
 for kind in $kinds; do
   mkdir -p "$out/table/$kind-pretrain-seed1"
@@ -67,5 +67,5 @@ for kind in $kinds; do
 done
 # shellcheck disable=SC2086
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$py" "$repo/examples/run_experiment.py" --preset tiny-cpu \
-  --out "$out/table" "${data[@]}" --pretrain-seed 1 --finetune-updates "$finetune_updates" --finetune-optimizer adam \
-  --seeds $seeds --methods $methods
+  --out "$out/table" "${data[@]}" --pretrain-seed 1 --finetune-updates "$finetune_updates" \
+  --finetune-optimizer adam --seeds $seeds --methods $methods
