@@ -12,7 +12,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 corpus="$repo/../shared/data/gettext-de-en" out=runs/crawl-noise seeds="1 2 3"
 kinds="mix misaligned untranslated mask"
-methods="pretrained baseline oracle trusted excess-loss teacher-filter filter-ce robust"
+methods="pretrained baseline oracle trusted excess-loss teacher-filter filter-ce filter-dcce l2t robust deep surface"
 pretrain_updates=7170 finetune_updates=400
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -47,15 +47,21 @@ done
 #    checkpoint_last.pt. The kinds share clean/'s dictionary, so the one student fits them all.
 read -r -a preset < <("$py" -c 'import sys; sys.path.insert(0, sys.argv[1]); from experiment_methods import PRESETS
 p = PRESETS["tiny-cpu"]; print(p["model"], p["device"])' "$repo/examples")
-pre="$out/pretrain-mix"
-if [ ! -f "$pre/done-$pretrain_updates" ]; then
+# pretrain_mix DIR [FLAGS...]: that recipe into DIR, resumable, marked done at --pretrain-updates
+pretrain_mix() {
+  local dir="$1"; shift
+  [ -f "$dir/done-$pretrain_updates" ] && return 0
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$bin/fairseq-train" "$out/data/mix-p03/data-bin" --task translation \
     --criterion label_smoothed_cross_entropy --label-smoothing 0.1 --optimizer adam --adam-betas '(0.9,0.98)' \
     --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 1000 --weight-decay 0.0001 --max-tokens 2048 \
-    --max-update "$pretrain_updates" --seed 1 --save-dir "$pre" --no-epoch-checkpoints \
-    --save-interval-updates 1000 --keep-interval-updates 1 --log-format simple --log-interval 200 "${preset[@]}"
-  touch "$pre/done-$pretrain_updates"
-fi
+    --max-update "$pretrain_updates" --seed 1 --save-dir "$dir" --no-epoch-checkpoints \
+    --save-interval-updates 1000 --keep-interval-updates 1 --log-format simple --log-interval 200 "${preset[@]}" "$@"
+  touch "$dir/done-$pretrain_updates"
+}
+pre="$out/pretrain-mix"
+pretrain_mix "$pre"
+# filter-dcce's reverse (en->de) model: the same recipe, updates and noisy corpus as the student
+case " $methods " in *" filter-dcce "*) pretrain_mix "$out/pretrain-mix-reverse" --source-lang en --target-lang de ;; esac
 
 # 3. per kind: the methods, each a 400-update (--finetune-updates) Adam fine-tune of that student
 #    (lr 3e-4 after 50 warm-up updates), 3 seeds; the table in $out/table/results.md
@@ -63,6 +69,10 @@ data=()
 for kind in $kinds; do
   mkdir -p "$out/table/$kind-pretrain-seed1"
   ln -f "$pre/checkpoint_last.pt" "$out/table/$kind-pretrain-seed1/checkpoint_best.pt"
+  if [ -d "$out/pretrain-mix-reverse" ]; then
+    mkdir -p "$out/table/$kind-pretrain-reverse-seed1"
+    ln -f "$out/pretrain-mix-reverse/checkpoint_last.pt" "$out/table/$kind-pretrain-reverse-seed1/checkpoint_best.pt"
+  fi
   data+=(--data "$kind=$out/data/$kind-p03/data-bin")
 done
 # shellcheck disable=SC2086
