@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import torch
 from conftest import REPO, write_parallel_corpus
 
 
@@ -38,6 +39,8 @@ def test_one_student_serves_every_kind_and_every_fine_tune_uses_adam(tmp_path):
     assert {os.stat(out / "table" / f"{k}-pretrain-reverse-seed1" / "checkpoint_best.pt").st_ino for k in kinds} == {
         os.stat(reverse).st_ino}
     assert (out / "pretrain-mix-reverse" / "done-6").exists()
+    task = torch.load(reverse, map_location="cpu", weights_only=False)["cfg"]["task"]
+    assert (task["source_lang"], task["target_lang"]) == ("en", "de")
     for kind in kinds:
         assert "--reweight-pair-weights" in rows[(kind, "filter-dcce")]["command"]
     assert "num_updates 6 |" in result.stdout + result.stderr  # the pretraining ran to --pretrain-updates
