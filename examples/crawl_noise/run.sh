@@ -58,21 +58,19 @@ pretrain_mix() {
     --save-interval-updates 1000 --keep-interval-updates 1 --log-format simple --log-interval 200 "${preset[@]}" "$@"
   touch "$dir/done-$pretrain_updates"
 }
-pre="$out/pretrain-mix"
-pretrain_mix "$pre"
-# filter-dcce's reverse (en->de) model: the same recipe, updates and noisy corpus as the student
-case " $methods " in *" filter-dcce "*) pretrain_mix "$out/pretrain-mix-reverse" --source-lang en --target-lang de ;; esac
+pretrain_mix "$out/pretrain-mix"
+models=("")  # the suffixes of the shared models: the student, and filter-dcce's reverse (en->de)
+case " $methods " in *" filter-dcce "*)  # the same recipe, updates and noisy corpus as the student
+  pretrain_mix "$out/pretrain-mix-reverse" --source-lang en --target-lang de; models+=(-reverse) ;; esac
 
 # 3. per kind: the methods, each a 400-update (--finetune-updates) Adam fine-tune of that student
 #    (lr 3e-4 after 50 warm-up updates), 3 seeds; the table in $out/table/results.md
 data=()
 for kind in $kinds; do
-  mkdir -p "$out/table/$kind-pretrain-seed1"
-  ln -f "$pre/checkpoint_last.pt" "$out/table/$kind-pretrain-seed1/checkpoint_best.pt"
-  if [ -d "$out/pretrain-mix-reverse" ]; then
-    mkdir -p "$out/table/$kind-pretrain-reverse-seed1"
-    ln -f "$out/pretrain-mix-reverse/checkpoint_last.pt" "$out/table/$kind-pretrain-reverse-seed1/checkpoint_best.pt"
-  fi
+  for m in "${models[@]}"; do  # one file for every kind, where run_experiment looks for it
+    mkdir -p "$out/table/$kind-pretrain$m-seed1"
+    ln -f "$out/pretrain-mix$m/checkpoint_last.pt" "$out/table/$kind-pretrain$m-seed1/checkpoint_best.pt"
+  done
   data+=(--data "$kind=$out/data/$kind-p03/data-bin")
 done
 # shellcheck disable=SC2086
