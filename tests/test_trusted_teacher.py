@@ -73,12 +73,17 @@ def test_teacher_scores_are_its_mean_weight_of_each_pair(tiny_data_bin, trained,
         assert scores[i] == pytest.approx(torch.sigmoid(logits).item(), abs=1e-5)
 
 
-def test_trusted_without_reference_losses_is_a_one_line_error(tiny_data_bin, tmp_path):
+def test_trusted_without_its_pair_files_is_a_one_line_error(tiny_data_bin, tmp_path):
     with pytest.raises(ReweightConfigError, match="--teacher-features excess needs --reweight-reference-losses"):
         run_train(tiny_data_bin, str(tmp_path / "x"), FINETUNE + ["--reweight-preset", "trusted"])
     with pytest.raises(ReweightConfigError, match="--teacher-excess-init .* needs --teacher-features with excess"):
         run_train(tiny_data_bin, str(tmp_path / "y"), FINETUNE + ["--reweight-preset", "robust",
                                                                   "--teacher-excess-init", "1"])
+    with pytest.raises(ReweightConfigError, match="--teacher-features pair-score needs --reweight-pair-scores"):
+        run_train(tiny_data_bin, str(tmp_path / "z"), FINETUNE + ["--teacher-features", "label,pair-score"])
+    with pytest.raises(ReweightConfigError, match="--teacher-pair-score-init .* needs --teacher-features with pair-score"):
+        run_train(tiny_data_bin, str(tmp_path / "w"), FINETUNE + ["--reweight-preset", "robust",
+                                                                  "--teacher-pair-score-init", "-1"])
     with pytest.raises(ReweightConfigError, match="not several"):
         score_pairs.main([tiny_data_bin, "--path", "x.pt", "--teacher", "--reference-path", "y.pt"])
 

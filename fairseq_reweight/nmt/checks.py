@@ -55,9 +55,15 @@ def check_options(cfg: ReweightTranslationConfig) -> None:
         raise ReweightConfigError("--teacher-features excess needs --reweight-reference-losses (a reference model's "
                                   "cross-entropy of every training pair), and that file is read by the excess feature "
                                   "only: give both or neither")
-    if cfg.teacher_excess_init and ("excess" not in features or cfg.teacher_hidden_layers > 0):
-        raise ReweightConfigError("--teacher-excess-init sets the linear teacher's coefficient of the excess feature: "
-                                  "it needs --teacher-features with excess and --teacher-hidden-layers 0")
+    if ("pair-score" in features) != bool(cfg.reweight_pair_scores):
+        raise ReweightConfigError("--teacher-features pair-score needs --reweight-pair-scores (a filter's score of "
+                                  "every training pair), and that file is read by the pair-score feature only: give "
+                                  "both or neither")
+    for option, init, feature in (("--teacher-excess-init", cfg.teacher_excess_init, "excess"),
+                                  ("--teacher-pair-score-init", cfg.teacher_pair_score_init, "pair-score")):
+        if init and (feature not in features or cfg.teacher_hidden_layers > 0):
+            raise ReweightConfigError(f"{option} sets the linear teacher's coefficient of the {feature} feature: "
+                                      f"it needs --teacher-features with {feature} and --teacher-hidden-layers 0")
     if "progress" in features and cfg.max_update <= 0:
         raise ReweightConfigError("--teacher-features progress needs --max-update > 0")
     check_teacher_optimizer(cfg.optimizer_config, cfg.reweight_history, f"--reweight-teacher {cfg.reweight_teacher}")

@@ -57,6 +57,13 @@ class ReweightTranslationConfig(TranslationConfig):
                   "gives, so that a few noisy early hypergradients cannot set the sign the wrong way; the teacher "
                   "learns from there"},
     )
+    teacher_pair_score_init: Optional[float] = field(
+        default=None,
+        metadata={"help": "with --teacher-features pair-score and the linear teacher: the pair score's initial "
+                  "coefficient, in logit units per standard deviation of the scores over the corpus (unset or 0: "
+                  "zero, the teacher learns the score's sign and weight from the trusted data alone; e.g. -1 starts "
+                  "it as a soft filter of a lower-is-better score such as the dual conditional cross-entropy)"},
+    )
     teacher_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the teacher"})
     teacher_clip_norm: float = field(
         default=0.0, metadata={"help": "clip the teacher's gradient norm to this (0: off)"}
@@ -148,6 +155,13 @@ class ReweightTranslationConfig(TranslationConfig):
                   "a reference model's per-token cross-entropy of the pair, the reference being trained on trusted "
                   "data (e.g. the pretrained student fine-tuned on --meta-valid-subset; "
                   "fairseq-reweight-score DATA --path REFERENCE --output FILE writes it)"},
+    )
+    reweight_pair_scores: Optional[str] = field(
+        default=None,
+        metadata={"help": "with --teacher-features pair-score: one score per training pair, one a line in data-bin "
+                  "order, from any filter (e.g. fairseq-reweight-score --reverse-path, or bicleaner's); standardised "
+                  "over the corpus (its sign does not matter: the teacher learns it); inf/-inf (a pair the filter "
+                  "could not score) count as the corpus mean"},
     )
     reset_teacher: bool = field(
         default=False,

@@ -48,6 +48,24 @@ def read_pair_losses(path: str, num_sentences: int) -> np.ndarray:
     return losses
 
 
+def read_pair_scores(path: str, num_sentences: int) -> np.ndarray:
+    """The scores of a ``--reweight-pair-scores`` file (float64), standardised over the corpus (mean 0,
+    standard deviation 1): a filter's score in whatever unit and direction it comes, on the scale of
+    the teacher's other inputs. ``inf``/``-inf`` (a pair the filter could not score, which training
+    skips too when it is too long) become 0, the mean."""
+    scores = np.asarray(_read_numbers(path, num_sentences, "pair scores", lambda v: not np.isnan(v),
+                                      "a number (inf or -inf for a pair the filter could not score)"),
+                        dtype=np.float64)
+    finite = np.isfinite(scores)
+    spread = scores[finite].std() if finite.any() else 0.0
+    if not spread > 0:
+        raise ReweightConfigError(f"pair scores {path}: the finite scores are all equal (or there are none): "
+                                  "they cannot tell pairs apart")
+    scores[finite] = (scores[finite] - scores[finite].mean()) / spread
+    scores[~finite] = 0.0
+    return scores
+
+
 def _read_numbers(path: str, num_sentences: int, what: str, valid, expected: str) -> list:
     def parse(text):
         try:

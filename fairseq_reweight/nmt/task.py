@@ -90,6 +90,7 @@ class ReweightTranslationTask(TranslationTask):
             self.cfg.reweight_features_grad,
             eos=self.tgt_dict.eos() if self.cfg.reweight_eos == "sentence" else None,
             reference_losses=self._reference_losses(), excess_init=self.cfg.teacher_excess_init or 0.0,
+            pair_scores=self._pair_scores(), pair_score_init=self.cfg.teacher_pair_score_init or 0.0,
         )
         monitor = None
         if self.cfg.reweight_noise_sidecar:
@@ -116,6 +117,15 @@ class ReweightTranslationTask(TranslationTask):
 
         losses = read_pair_losses(self.cfg.reweight_reference_losses, self._train_size())
         return torch.from_numpy(losses)
+
+    def _pair_scores(self):
+        """``--reweight-pair-scores`` standardised, as a float64 tensor, for the ``pair-score`` feature
+        (else None)."""
+        if not self.cfg.reweight_pair_scores:
+            return None
+        from fairseq_reweight.nmt.oracle import read_pair_scores
+
+        return torch.from_numpy(read_pair_scores(self.cfg.reweight_pair_scores, self._train_size()))
 
     def _attach_oracle(self, criterion):
         from fairseq_reweight.nmt.oracle import OracleWeigher, pairs_weigher

@@ -2,9 +2,11 @@
 
 Inputs (``--teacher-features``): the student's states (encoder states mean-pooled over non-pad
 source tokens, the final decoder state at each target position), the target token (``label``),
-the paper's surface features, and ``excess``: the pair's excess loss, the student's current per-token
+the paper's surface features, ``excess``: the pair's excess loss, the student's current per-token
 cross-entropy of the pair minus that of a reference model trained on trusted data (Wang et al. 2018,
-"Denoising Neural Machine Translation Training with Trusted Data and Online Data Selection"); how
+"Denoising Neural Machine Translation Training with Trusted Data and Online Data Selection"), and
+``pair-score``: a fixed score per pair from any filter (e.g. dual conditional cross-entropy with a
+reverse model, bicleaner), whose sign and weight the teacher learns from the trusted data; how
 they are normalised is :mod:`fairseq_reweight.core.features`' rule. Everything the weights depend on
 is an argument: the training state (progress, running loss, best validation loss) and, inside a
 replay, the teacher parameters omega.
@@ -27,7 +29,9 @@ SURFACE_FEATURES = {"progress": ("progress",), "loss": ("example_loss", "mean_tr
 # order it is the pair's gradient times the step from the student towards the reference, which was
 # trained on the trusted data the teacher's objective is measured on: it is the one-step influence
 # of the pair on that objective, the signal the hypergradient rewards, at the level of a whole pair.
-PAIR_FEATURES = ("excess",)
+# A filter's score per pair (``--reweight-pair-scores``), standardised over the corpus: what the student
+# cannot see from the source side, e.g. a reverse model's judgement of a shuffled source.
+PAIR_FEATURES = ("excess", "pair-score")
 ALL_FEATURES = STATE_FEATURES + ("label",) + tuple(SURFACE_FEATURES) + PAIR_FEATURES
 DEFAULT_FEATURES = {"deep": "encoder,label", "surface": "progress,loss,best-valid,prediction,margin"}
 DEFAULT_FEATURES["l2t"] = DEFAULT_FEATURES["surface"]  # its policy's inputs, pooled per sentence (nmt/l2t.py)
@@ -68,11 +72,15 @@ class TokenWeigher(nn.Module):
             of every training pair, indexed by fairseq's ``sample["id"]``.
         excess_init: the linear teacher's initial coefficient of the excess feature (0: zero, as
             every other input).
+        pair_scores: with the ``pair-score`` feature: every training pair's score (standardised,
+            :func:`fairseq_reweight.nmt.oracle.read_pair_scores`), indexed by ``sample["id"]``.
+        pair_score_init: the linear teacher's initial coefficient of the pair score (0: zero).
     """
 
     def __init__(self, features: List[str], pad: int, vocab_size: int, encoder_dim: int, decoder_dim: int,
                  hidden_layers: int = 0, hidden_dim: int = 64, granularity: str = "token", features_grad: bool = False,
-                 eos: Optional[int] = None, reference_losses: Optional[Tensor] = None, excess_init: float = 0.0):
+                 eos: Optional[int] = None, reference_losses: Optional[Tensor] = None, excess_init: float = 0.0,
+                 pair_scores: Optional[Tensor] = None, pair_score_init: float = 0.0):
         super().__init__()
         self.features, self.pad, self.eos = list(features), pad, eos
         self.granularity, self.features_grad = granularity, features_grad
@@ -80,16 +88,22 @@ class TokenWeigher(nn.Module):
         self.excess = "excess" in self.features
         if self.excess and reference_losses is None:
             raise ValueError("the excess feature needs the reference losses of the training pairs")
+        self.pair_score = "pair-score" in self.features
+        if self.pair_score and pair_scores is None:
+            raise ValueError("the pair-score feature needs the scores of the training pairs")
         # data of the corpus, not of the teacher: moves with the module, stays out of checkpoints
         self.register_buffer("reference_losses", reference_losses if self.excess else None, persistent=False)
-        dense_dim = (len(self.columns) + self.excess + encoder_dim * ("encoder" in features)
+        self.register_buffer("pair_scores", pair_scores if self.pair_score else None, persistent=False)
+        dense_dim = (len(self.columns) + self.excess + self.pair_score + encoder_dim * ("encoder" in features)
                      + decoder_dim * ("decoder" in features))
         self.teacher = Teacher(dense_dim, vocab_size if "label" in features else 0, hidden_layers, hidden_dim)
-        if excess_init:  # the excess loss is the last dense column (dense_features)
-            if not self.excess or hidden_layers:
-                raise ValueError("excess_init needs the excess feature and the linear teacher")
-            with torch.no_grad():
-                self.teacher.feature_proj.weight[0, -1] = excess_init
+        # the pair columns come last (dense_features): excess, then the pair score
+        for name, init, column in (("excess", excess_init, -1 - self.pair_score), ("pair-score", pair_score_init, -1)):
+            if init:
+                if name not in self.features or hidden_layers:
+                    raise ValueError(f"a start for the {name} coefficient needs the {name} feature and the linear teacher")
+                with torch.no_grad():
+                    self.teacher.feature_proj.weight[0, column] = init
         # trained by the driver's own Adam on hypergradients, never by the student's optimizer
         self.teacher.requires_grad_(False)
 
@@ -100,10 +114,11 @@ class TokenWeigher(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # the trainer casts the criterion, and so this module, to fp16/bf16 with the student
-        reference = self.reference_losses
+        kept = {name: getattr(self, name) for name in ("reference_losses", "pair_scores")}
         super()._apply(fn, *args, **kwargs)
-        if reference is not None:  # float64 stays float64 (a loss difference), only the device follows
-            self.reference_losses = reference.to(self.reference_losses.device)
+        for name, data in kept.items():  # float64 stays float64 (a loss difference), only the device follows
+            if data is not None:
+                setattr(self, name, data.to(getattr(self, name).device))
         for p in self.teacher.parameters():
             if p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
@@ -135,7 +150,7 @@ class TokenWeigher(nn.Module):
                        ids: Optional[Tensor] = None) -> Optional[Tensor]:
         """B x T x d teacher input (None for a label-only teacher); ``lprobs`` (B x T x V) may be None
         when the weights do not read it (:attr:`reads_lprobs`); ``ids`` (B) are the pairs' indices in
-        the training split (``sample["id"]``), read by the ``excess`` feature."""
+        the training split (``sample["id"]``), read by the ``excess`` and ``pair-score`` features."""
         bsz, tgt_len = target.shape
         states = []
         if "encoder" in self.features:
@@ -152,6 +167,9 @@ class TokenWeigher(nn.Module):
         if self.excess:
             excess = self.excess_loss(lprobs.to(dtype), target, ids).view(bsz, 1, 1).expand(bsz, tgt_len, 1)
             surface = excess if surface is None else torch.cat([surface, excess], dim=-1)
+        if self.pair_score:
+            score = self.pair_scores[ids].to(dtype).view(bsz, 1, 1).expand(bsz, tgt_len, 1)
+            surface = score if surface is None else torch.cat([surface, score], dim=-1)
         dense = teacher_inputs(states, surface, dtype)
         return dense if dense is None or self.features_grad else dense.detach()
 
