@@ -78,6 +78,10 @@ def score_run(hyps, refs, references=None, sources=None):
                   chrf_signature=str(chrf.get_signature()), references=references.field,
                   lowercased={True: 1, False: 0}.get(references.lowercased, ""),
                   tokenized_bleu=round(sacrebleu.corpus_bleu(hyps, [refs], tokenize="none", force=True).score, 2))
+    # hypothesis / reference length (sacreBLEU's tokens): below 1 BLEU's brevity penalty applies, and a
+    # fine-tune's BLEU can move with its length alone
+    whole = bleu.corpus_score(d_hyps, [d_refs])
+    fields["len_ratio"] = round(whole.sys_len / whole.ref_len, 3) if whole.ref_len else ""
     if references.lowercased and raw is not None:  # (the detokenized references are lowercase too)
         lc = BLEU(lowercase=True)
         fields.update(sacrebleu_lc=round(lc.corpus_score(d_hyps, [d_refs]).score, 2),

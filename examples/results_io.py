@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 FIELDS = ["data", "method", "seed", "sacrebleu", "sacrebleu_ci95", "chrf", "chrf_ci95", "tokenized_bleu",
-          "sacrebleu_lc", "comet", "p_bleu", "p_chrf", "noise_auc", "sec_per_update", "bleu_signature",
+          "len_ratio", "sacrebleu_lc", "comet", "p_bleu", "p_chrf", "noise_auc", "sec_per_update", "bleu_signature",
           "chrf_signature", "bleu_lc_signature", "references", "lowercased", "run_dir", "command"]
 BOOTSTRAP_SAMPLES = 1000  # sacrebleu's bootstrap resamples (CIs and paired test)
 COMET_MODEL = os.environ.get("COMET_MODEL", "Unbabel/wmt22-comet-da")

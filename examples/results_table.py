@@ -63,8 +63,10 @@ def condition_table(rows, condition, methods, notes=None):
             for m in methods}
     mine = [r for rs in runs.values() for r in rs]
     extra = [(key, title) for key, title in (("sacrebleu_lc", "sacreBLEU (lc)"), ("comet", "COMET")) if _has(mine, key)]
+    ratio = _has(mine, "len_ratio")
     header = (["method", "seeds", "sacreBLEU", "chrF", "BLEU (tok.)"] + [t for _, t in extra]
-              + ["Δ sacreBLEU", "p (BLEU)", "p (chrF)", "oracle gap closed", "noise AUC", "s/update"])
+              + ["Δ sacreBLEU", "p (BLEU)", "p (chrF)", "oracle gap closed", "noise AUC", "s/update"]
+              + (["length ratio"] if ratio else []))
     lines = [f"**{condition}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     gap_reasons = {}
     for method, method_rows in runs.items():
@@ -92,7 +94,8 @@ def condition_table(rows, condition, methods, notes=None):
                   _cell(method_rows, "chrf", ci="chrf_ci95"), _cell(method_rows, "tokenized_bleu")]
                  + [_cell(method_rows, key, 4 if key == "comet" else 2) for key, _ in extra]
                  + [delta, p["p_bleu"] or "–", p["p_chrf"] or "–", gap, _cell(method_rows, "noise_auc", 3),
-                    _cell(method_rows, "sec_per_update", 3)])
+                    _cell(method_rows, "sec_per_update", 3)]
+                 + ([_cell(method_rows, "len_ratio", 3)] if ratio else []))
         lines.append("| " + " | ".join(cells) + " |")
     for why, names in gap_reasons.items():
         notes.append(f"{condition}: oracle gap closed not shown for {', '.join(names)}: the oracle's gain over the "
@@ -136,7 +139,9 @@ def write_tables(rows, out, conditions, methods, note):
               "detokenized hypotheses against the test references below. One seed: the score (± the half-width of "
               f"its 95 % confidence interval: sacrebleu's bootstrap, {BOOTSTRAP_SAMPLES} resamples); several seeds: "
               "mean ± std over seeds (each run's CI is in results.csv). BLEU (tok.): the tokenized text "
-              "fairseq-generate prints (tokenize none), the paper's multi-bleu-style number.",
+              "fairseq-generate prints (tokenize none), the paper's multi-bleu-style number. Length ratio: the "
+              "hypotheses' length over the references' (sacreBLEU's tokens); below 1 BLEU's brevity penalty "
+              "applies, so two rows can differ in BLEU by their length alone.",
               "",
               f"p (BLEU), p (chrF): sacrebleu's paired bootstrap ({BOOTSTRAP_SAMPLES} resamples) of each seed's run "
               "against the baseline of the same seed, one per seed. Δ and the oracle gap closed, "

@@ -136,6 +136,7 @@ def test_pipeline_micro(tmp_path):
     assert (deep[10] == "–") == (not significant)  # the oracle gap closed
     assert (deep[10] == "–") == ("oracle gap closed not shown for deep" in stdout)
     assert deep[11] == f"{float(rows[2]['noise_auc']):.3f}"  # the noise AUC
+    assert deep[13] == f"{float(rows[2]['len_ratio']):.3f}" and 0 < float(rows[2]["len_ratio"])  # length ratio
     assert f"noisy: references {(clean / 'raw' / 'test.en').resolve()} (raw" in stdout
     assert "noisy: the data was lowercased by data_prep" in stdout and "not comparable" not in stdout
     assert (out / "results.md").read_text() in stdout

@@ -68,6 +68,9 @@ def test_scores_are_sacrebleus_defaults_on_the_raw_references(tmp_path):
     assert "case:mixed" in fields["bleu_signature"] and "tok:13a" in fields["bleu_signature"]
     assert fields["chrf_signature"].startswith("nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no")
     assert fields["tokenized_bleu"] == round(sacrebleu.corpus_bleu(HYPS, [TOK_REFS], tokenize="none").score, 2)
+    # the length ratio behind BLEU's brevity penalty: hypothesis over reference tokens (13a), as sacrebleu prints it
+    assert fields["len_ratio"] == round(bleu.sys_len / bleu.ref_len, 3)
+    assert fields["len_ratio"] == float(sacrebleu.corpus_bleu(hyps, [RAW_REFS]).format().split("ratio = ")[1].split()[0])
     # lowercased data: also the case-insensitive sacreBLEU, which is higher here (capitals only in the refs)
     assert fields["sacrebleu_lc"] == round(sacrebleu.corpus_bleu(hyps, [RAW_REFS], lowercase=True).score, 2)
     assert fields["sacrebleu_lc"] > fields["sacrebleu"] and "case:lc" in fields["bleu_lc_signature"]
