@@ -31,7 +31,7 @@ class ReweightTranslationConfig(TranslationConfig):
     reweight_preset: ChoiceEnum(["none", "robust", "trusted"]) = field(
         default="none",
         metadata={"help": "trusted: a linear teacher on the pair's excess loss against a reference trained on trusted "
-                  "data, started as a soft excess-loss filter (--teacher-features excess --teacher-lr 0.1 "
+                  "data, started as a soft excess-loss filter (--teacher-features excess --teacher-lr 0.3 "
                   "--teacher-excess-init 1; needs --reweight-reference-losses): for crawled corpora whose noise is "
                   "unknown; robust: the target token "
                   "only (--teacher-features label --teacher-lr 0.1), for noise visible in the target's words; a preset "
@@ -187,7 +187,9 @@ class ReweightTranslationConfig(TranslationConfig):
 
 PRESETS = {
     "robust": {"teacher_features": "label", "teacher_lr": 0.1},
-    "trusted": {"teacher_features": "excess", "teacher_lr": 0.1, "teacher_excess_init": 1.0},
+    # teacher lr 0.3, not robust's 0.1: at 0.1 the hypergradient was still sharpening the weights (raising
+    # the excess coefficient) when a fine-tune ended, and the trusted split's own loss prefers 0.3
+    "trusted": {"teacher_features": "excess", "teacher_lr": 0.3, "teacher_excess_init": 1.0},
 }
 
 
