@@ -116,7 +116,7 @@ class TokenWeigher(nn.Module):
         # the trainer casts the criterion, and so this module, to fp16/bf16 with the student
         kept = {name: getattr(self, name) for name in ("reference_losses", "pair_scores")}
         super()._apply(fn, *args, **kwargs)
-        for name, data in kept.items():  # float64 stays float64 (a loss difference), only the device follows
+        for name, data in kept.items():  # float64 stays float64 (loss differences), only the device follows
             if data is not None:
                 setattr(self, name, data.to(getattr(self, name).device))
         for p in self.teacher.parameters():
