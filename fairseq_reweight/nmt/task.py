@@ -81,6 +81,8 @@ class ReweightTranslationTask(TranslationTask):
             from fairseq_reweight.nmt import l2t
 
             return l2t.attach(self, criterion)
+        from fairseq_reweight.nmt.oracle import read_pair_losses, read_pair_scores
+
         model_cfg = self._model_cfg
         check_dual_attention_dropout(self.cfg.reweight_hvp, model_cfg)
         weigher = TokenWeigher(
@@ -89,8 +91,10 @@ class ReweightTranslationTask(TranslationTask):
             self.cfg.teacher_hidden_layers, self.cfg.teacher_hidden_dim, self.cfg.reweight_granularity,
             self.cfg.reweight_features_grad,
             eos=self.tgt_dict.eos() if self.cfg.reweight_eos == "sentence" else None,
-            reference_losses=self._reference_losses(), excess_init=self.cfg.teacher_excess_init or 0.0,
-            pair_scores=self._pair_scores(), pair_score_init=self.cfg.teacher_pair_score_init or 0.0,
+            reference_losses=self._per_pair(self.cfg.reweight_reference_losses, read_pair_losses),
+            excess_init=self.cfg.teacher_excess_init or 0.0,
+            pair_scores=self._per_pair(self.cfg.reweight_pair_scores, read_pair_scores),
+            pair_score_init=self.cfg.teacher_pair_score_init or 0.0,
         )
         monitor = None
         if self.cfg.reweight_noise_sidecar:
@@ -109,23 +113,11 @@ class ReweightTranslationTask(TranslationTask):
             self.load_dataset(self.cfg.train_subset, combine=False, epoch=1)
         return len(self.dataset(self.cfg.train_subset))
 
-    def _reference_losses(self):
-        """``--reweight-reference-losses`` as a float64 tensor, for the ``excess`` feature (else None)."""
-        if not self.cfg.reweight_reference_losses:
-            return None
-        from fairseq_reweight.nmt.oracle import read_pair_losses
-
-        losses = read_pair_losses(self.cfg.reweight_reference_losses, self._train_size())
-        return torch.from_numpy(losses)
-
-    def _pair_scores(self):
-        """``--reweight-pair-scores`` standardised, as a float64 tensor, for the ``pair-score`` feature
-        (else None)."""
-        if not self.cfg.reweight_pair_scores:
-            return None
-        from fairseq_reweight.nmt.oracle import read_pair_scores
-
-        return torch.from_numpy(read_pair_scores(self.cfg.reweight_pair_scores, self._train_size()))
+    def _per_pair(self, path, read):
+        """The float64 tensor of a per-pair file (``--reweight-reference-losses`` for the ``excess``
+        feature, ``--reweight-pair-scores`` for ``pair-score``), ``read(path, size)`` checking it
+        against the training split's size; None without the file."""
+        return torch.from_numpy(read(path, self._train_size())) if path else None
 
     def _attach_oracle(self, criterion):
         from fairseq_reweight.nmt.oracle import OracleWeigher, pairs_weigher
